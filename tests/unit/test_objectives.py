@@ -1,0 +1,124 @@
+"""Objectives against the formulas and against diffusers' own schedulers and helpers."""
+
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from training.objectives import DDPMObjective, FlowObjective, flux_mu, make_objective, shift_sigmas, weighted_mse
+
+
+def _x0_noise(shape=(4, 4, 8, 8)):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def test_ddpm_eps_and_v_targets_follow_the_formulas():
+    x0, noise = _x0_noise()
+    t = torch.tensor([0, 10, 500, 999])
+    for prediction in ("eps", "v"):
+        objective = DDPMObjective(prediction)
+        abar = objective.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        batch = objective.make(x0, noise, t)
+        torch.testing.assert_close(batch.noisy, abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+        expected = noise if prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        torch.testing.assert_close(batch.target, expected)
+        assert batch.timestep.tolist() == [0.0, 10.0, 500.0, 999.0]
+        assert torch.equal(batch.weight, torch.ones(4))
+
+
+def test_min_snr_weights_match_the_paper():
+    x0, noise = _x0_noise()
+    t = torch.tensor([1, 100, 400, 900])
+    gamma = 5.0
+    for prediction, denominator in (("eps", 0.0), ("v", 1.0)):
+        objective = DDPMObjective(prediction, min_snr_gamma=gamma)
+        abar = objective.scheduler.alphas_cumprod[t]
+        snr = abar / (1 - abar)
+        expected = torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + denominator)
+        torch.testing.assert_close(objective.make(x0, noise, t).weight, expected.float())
+    # low noise has a high SNR, so min-SNR down-weights it
+    weights = DDPMObjective("eps", min_snr_gamma=gamma).make(x0, noise, t).weight
+    assert weights[0] < weights[-1]
+
+
+def test_noise_offset_shifts_each_channel_mean():
+    x0 = torch.zeros(64, 4, 16, 16)
+    plain = DDPMObjective("eps").sample_noise(x0, torch.Generator().manual_seed(1))
+    offset = DDPMObjective("eps", noise_offset=0.5).sample_noise(x0, torch.Generator().manual_seed(1))
+    channel_means = offset.mean(dim=(2, 3)).std()
+    assert channel_means > 3 * plain.mean(dim=(2, 3)).std()
+
+
+def test_flow_interpolates_and_targets_velocity():
+    x0, noise = _x0_noise()
+    sigma = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    batch = FlowObjective().make(x0, noise, sigma)
+    torch.testing.assert_close(batch.noisy[0], x0[0])
+    torch.testing.assert_close(batch.noisy[3], noise[3])
+    torch.testing.assert_close(batch.noisy[1], 0.75 * x0[1] + 0.25 * noise[1])
+    torch.testing.assert_close(batch.target, noise - x0)
+
+
+def test_shift_matches_diffusers_flow_scheduler():
+    shift = 3.0
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    unshifted = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).sigmas
+    torch.testing.assert_close(shift_sigmas(unshifted, shift), scheduler.sigmas)
+
+
+def test_dynamic_shift_matches_flux_calculate_shift():
+    for h, w in ((64, 64), (128, 128), (96, 160)):
+        seq = (h // 2) * (w // 2)
+        assert flux_mu(seq) == pytest.approx(calculate_shift(seq))
+        assert FlowObjective(dynamic_shift=True).shift_for((h, w)) == pytest.approx(math.exp(calculate_shift(seq)))
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "mode"])
+def test_flow_timesteps_are_in_range_and_seeded(sampling):
+    x0 = torch.zeros(4096, 1, 2, 2)
+    objective = FlowObjective(sampling=sampling)
+    a = objective.sample_timesteps(x0, torch.Generator().manual_seed(3))
+    b = objective.sample_timesteps(x0, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert 0 <= a.min() and a.max() <= 1
+    assert abs(a.median().item() - 0.5) < 0.05  # all three densities are symmetric around 0.5
+
+
+def test_logit_normal_concentrates_in_the_middle_and_shift_moves_it_up():
+    x0 = torch.zeros(8192, 1, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    uniform = FlowObjective(sampling="uniform").sample_timesteps(x0, g)
+    logit = FlowObjective(sampling="logit_normal").sample_timesteps(x0, g)
+    shifted = FlowObjective(sampling="logit_normal", shift=3.0).sample_timesteps(x0, g)
+    middle = lambda s: ((s > 0.25) & (s < 0.75)).float().mean()  # noqa: E731
+    assert middle(logit) > middle(uniform) + 0.1
+    assert shifted.mean() > logit.mean() + 0.1
+
+
+def test_sd3_weightings():
+    x0, noise = _x0_noise()
+    sigma = torch.tensor([0.1, 0.3, 0.6, 0.9])
+    weight = FlowObjective(weighting="sigma_sqrt").make(x0, noise, sigma).weight
+    torch.testing.assert_close(weight, sigma**-2)
+    cosmap = FlowObjective(weighting="cosmap").make(x0, noise, sigma).weight
+    torch.testing.assert_close(cosmap, 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2)))
+
+
+def test_weighted_mse_weights_each_sample():
+    x0, noise = _x0_noise((2, 1, 2, 2))
+    batch = DDPMObjective("eps").make(x0, noise, torch.tensor([5, 5]))
+    pred = batch.target.clone()
+    pred[0] += 1.0
+    assert weighted_mse(pred, batch).item() == pytest.approx(0.5)
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="ddpm-eps"):
+        make_objective("x0")
+    with pytest.raises(ValueError, match="logit_normal"):
+        FlowObjective(sampling="sigmoid")
+    with pytest.raises(ValueError, match="cosmap"):
+        FlowObjective(weighting="snr")

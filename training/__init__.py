@@ -1,0 +1,1 @@
+"""LoRA training engine for diffusion denoisers. Plain Python + torch: never imports ComfyUI."""

@@ -1,0 +1,154 @@
+"""Training objectives: what to add to the clean latents, and what the denoiser should predict.
+
+Two families, each a small class with the same three methods:
+
+- ``DDPMObjective`` (SD1.x / SD2.x / SDXL): x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, integer t ∈ [0, 1000),
+  target ε or v, optional min-SNR-γ weighting (Hang et al. 2023) and noise offset.
+- ``FlowObjective`` (FLUX, SD3, Qwen-Image): x_σ = (1-σ)·x0 + σ·ε, σ ∈ [0, 1], target ε - x0, with
+  SD3's timestep densities (Esser et al. 2024), a timestep shift (fixed, or resolution-dependent as in
+  FLUX) and SD3's loss weightings.
+
+The denoiser receives ``timestep`` as the DDPM t for DDPM objectives and as σ for flow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import (
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+    compute_snr,
+)
+
+OBJECTIVES = ("ddpm-eps", "ddpm-v", "flow")
+FLOW_SAMPLINGS = ("uniform", "logit_normal", "mode")
+FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+@dataclass(frozen=True)
+class NoisedBatch:
+    noisy: torch.Tensor  # [B, C, H, W]
+    timestep: torch.Tensor  # [B] float: DDPM t, or flow σ
+    target: torch.Tensor  # [B, C, H, W]
+    weight: torch.Tensor  # [B] per-sample loss weight
+
+
+class DDPMObjective:
+    """DDPM with the SD schedule (scaled_linear β from 0.00085 to 0.012 over 1000 steps)."""
+
+    def __init__(self, prediction: str = "eps", *, min_snr_gamma: float = 0.0, noise_offset: float = 0.0):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"DDPM prediction must be 'eps' or 'v', got {prediction!r}")
+        if min_snr_gamma < 0 or noise_offset < 0:
+            raise ValueError("min_snr_gamma and noise_offset must be >= 0 (0 turns them off)")
+        self.name = f"ddpm-{prediction}"
+        self.prediction = prediction
+        self.min_snr_gamma = min_snr_gamma
+        self.noise_offset = noise_offset
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            prediction_type="epsilon" if prediction == "eps" else "v_prediction",
+        )
+
+    def sample_timesteps(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        steps = self.scheduler.config.num_train_timesteps
+        return torch.randint(0, steps, (x0.shape[0],), generator=generator, device=x0.device)
+
+    def sample_noise(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if self.noise_offset:
+            offset = torch.randn((*x0.shape[:2], 1, 1), generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = noise + self.noise_offset * offset
+        return noise
+
+    def make(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedBatch:
+        timesteps = timesteps.long()
+        noisy = self.scheduler.add_noise(x0, noise, timesteps)
+        target = noise if self.prediction == "eps" else self.scheduler.get_velocity(x0, noise, timesteps)
+        weight = torch.ones(x0.shape[0], device=x0.device)
+        if self.min_snr_gamma:
+            snr = compute_snr(self.scheduler, timesteps)
+            clipped = torch.clamp(snr, max=self.min_snr_gamma)
+            weight = clipped / (snr + 1) if self.prediction == "v" else clipped / snr
+        return NoisedBatch(noisy, timesteps.float(), target, weight)
+
+
+class FlowObjective:
+    """Rectified flow: straight paths from data (σ = 0) to noise (σ = 1), velocity target."""
+
+    name = "flow"
+    prediction = "flow"
+
+    def __init__(
+        self,
+        *,
+        sampling: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        shift: float = 1.0,
+        dynamic_shift: bool = False,
+        weighting: str = "none",
+    ):
+        if sampling not in FLOW_SAMPLINGS:
+            raise ValueError(f"Unknown flow timestep sampling {sampling!r}; choose one of {FLOW_SAMPLINGS}")
+        if weighting not in FLOW_WEIGHTINGS:
+            raise ValueError(f"Unknown flow loss weighting {weighting!r}; choose one of {FLOW_WEIGHTINGS}")
+        if shift <= 0:
+            raise ValueError(f"Flow timestep shift must be > 0, got {shift}")
+        self.sampling, self.weighting = sampling, weighting
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.shift, self.dynamic_shift = shift, dynamic_shift
+
+    def sample_timesteps(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        u = compute_density_for_timestep_sampling(
+            self.sampling, x0.shape[0], logit_mean=self.logit_mean, logit_std=self.logit_std,
+            mode_scale=self.mode_scale, device=x0.device, generator=generator,
+        )
+        return shift_sigmas(u, self.shift_for(tuple(x0.shape[-2:])))
+
+    def sample_noise(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+
+    def make(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedBatch:
+        sigma = timesteps.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+        noisy = (1 - sigma) * x0 + sigma * noise
+        weight = compute_loss_weighting_for_sd3(self.weighting, timesteps.float())
+        return NoisedBatch(noisy, timesteps.float(), noise - x0, weight)
+
+    def shift_for(self, latent_size: tuple[int, int]) -> float:
+        """The timestep shift; with ``dynamic_shift``, FLUX's resolution-dependent one (2×2 patches)."""
+        if not self.dynamic_shift:
+            return self.shift
+        return math.exp(flux_mu(latent_size[0] // 2 * (latent_size[1] // 2)))
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's timestep shift: σ' = s·σ / (1 + (s - 1)·σ); s > 1 spends more steps at high noise."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flux_mu(image_seq_len: int, base_seq: int = 256, max_seq: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """FLUX's log-shift, linear in the number of image tokens (diffusers' ``calculate_shift``)."""
+    slope = (max_shift - base_shift) / (max_seq - base_seq)
+    return image_seq_len * slope + (base_shift - slope * base_seq)
+
+
+def make_objective(name: str, **options: object) -> DDPMObjective | FlowObjective:
+    """``name`` is one of OBJECTIVES; options go to the objective's constructor."""
+    if name == "flow":
+        return FlowObjective(**options)
+    if name in ("ddpm-eps", "ddpm-v"):
+        return DDPMObjective(name.removeprefix("ddpm-"), **options)
+    raise ValueError(f"Unknown objective {name!r}; choose one of {OBJECTIVES}")
+
+
+def weighted_mse(pred: torch.Tensor, batch: NoisedBatch) -> torch.Tensor:
+    """Mean over pixels per sample, times the sample's weight, mean over the batch; in fp32."""
+    per_sample = torch.mean((pred.float() - batch.target.float()) ** 2, dim=tuple(range(1, pred.ndim)))
+    return torch.mean(per_sample * batch.weight.float())
