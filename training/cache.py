@@ -1,0 +1,224 @@
+"""Latent and text-embedding cache on disk, and the dataset the loop reads from it.
+
+Every entry is one safetensors file named by a hash of what it was made from: the image bytes, the
+transform (bucket, crop, flip) and the encoder's identity for latents; the caption and the encoder's
+identity for text. A later run finds the same name and skips the encoder; a changed image, caption
+or encoder gives a new name, so only what changed is encoded again. Each file carries the hash of
+its tensors in its metadata: a damaged entry is detected when the dataset is built and re-encoded.
+
+Caption policy: a few rendered variants per caption (trigger word, tag shuffle) are encoded, plus the
+empty caption; at training time each sample picks a variant, or the empty caption with the dropout
+probability. So dropout and shuffle keep working with cached embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .batching import Batch, stack_conditioning
+from .buckets import image_to_tensor, make_buckets, nearest_bucket, resize_and_crop
+from .captions import CaptionPolicy
+from .dataset import Sample, load_image
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = "1"
+
+
+class Encoders(Protocol):
+    """The VAE and text encoder(s) of one model, as the cache needs them."""
+
+    identity: str  # changes whenever the encoders would give other outputs (model hash, dtype, ...)
+    latent_multiple: int  # pixel sides must be multiples of this (VAE factor × patch size)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[1, 3, H, W] in [-1, 1] -> latents [C, h, w], already scaled the way the denoiser expects."""
+
+    def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
+        """One caption -> unbatched conditioning: ``context`` [L, D], optional ``mask`` [L], ``pooled`` [D]."""
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    resolution: int = 512  # bucket area = resolution²
+    bucket_multiple: int = 64
+    random_crop: bool = False  # fixed per sample (seeded) once cached
+    flip: bool = False  # both orientations are cached; one is picked per step
+    caption_variants: int = 1  # rendered captions cached per sample (more with tag shuffle)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.resolution < 64:
+            raise ValueError(f"resolution must be >= 64 pixels, got {self.resolution}")
+        if self.caption_variants < 1:
+            raise ValueError(f"caption_variants must be >= 1, got {self.caption_variants}")
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    latent: Path
+    flipped: Path | None
+    control: Path | None
+    texts: tuple[Path, ...]
+    size: tuple[int, int]  # latent (h, w)
+
+
+@dataclass
+class CacheStats:
+    encoded_images: int = 0
+    encoded_texts: int = 0
+    reused: int = 0
+    rebuilt_corrupt: int = 0
+
+
+class EncodedDataset:
+    """The loop's view of a cached dataset (implements batching.TrainData). Tensors are read from disk
+    per batch, never held for the whole dataset; repeats become repeated indices."""
+
+    def __init__(self, samples: Sequence[EncodedSample], repeats: Sequence[int], empty_text: Path,
+                 dropout: float, stats: CacheStats):
+        self.samples = [s for s, n in zip(samples, repeats) for _ in range(n)]
+        self.sizes = [s.size for s in self.samples]
+        self.empty_text, self.dropout, self.stats = empty_text, dropout, stats
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def collate(self, indices: Sequence[int], rng: random.Random) -> Batch:
+        latents, conds = [], []
+        for i in indices:
+            sample = self.samples[i]
+            use_flip = sample.flipped is not None and rng.random() < 0.5
+            image = load_file(sample.flipped if use_flip else sample.latent)
+            text = self.empty_text if rng.random() < self.dropout else rng.choice(sample.texts)
+            cond = load_file(text)
+            if sample.control is not None:
+                cond["control"] = load_file(sample.control)["latent"]
+            if "size_cond" in image:
+                cond["size_cond"] = image["size_cond"]
+            latents.append(image["latent"])
+            conds.append(cond)
+        return Batch(torch.stack(latents), stack_conditioning(conds))
+
+
+def encode_dataset(samples: Sequence[Sample], encoders: Encoders, cache_dir: str | Path,
+                   settings: CacheSettings, policy: CaptionPolicy = CaptionPolicy(),
+                   on_progress: Callable[[int, int], None] | None = None) -> EncodedDataset:
+    """Encode what the cache lacks, then return the dataset over the cache files."""
+    cache = _Cache(Path(cache_dir), encoders.identity)
+    multiple = max(settings.bucket_multiple, encoders.latent_multiple)
+    buckets = make_buckets(settings.resolution**2, multiple=multiple)
+    encoded = []
+    for number, sample in enumerate(samples):
+        rng = random.Random(f"{settings.seed}:{sample.image}")
+        image = load_image(sample.image)
+        bucket = nearest_bucket(*image.size, buckets)
+        crop_rng = random.Random(rng.random())
+        transform = {"bucket": bucket, "random_crop": settings.random_crop, "seed": settings.seed}
+        latent, flipped, size = _encode_image(cache, encoders, sample.image, image, transform, settings.flip,
+                                              crop_rng)
+        control = None
+        if sample.control is not None:
+            control, _, _ = _encode_image(cache, encoders, sample.control, load_image(sample.control),
+                                          transform, False, random.Random(rng.random()))
+        variants = policy.variants(sample.caption, settings.caption_variants, seed=settings.seed + number)
+        texts = tuple(_encode_text(cache, encoders, caption) for caption in variants)
+        encoded.append(EncodedSample(latent, flipped, control, texts, size))
+        if on_progress is not None:
+            on_progress(number + 1, len(samples))
+    empty = _encode_text(cache, encoders, "")
+    log.info("latent cache %s: %s", cache.root, cache.stats)
+    return EncodedDataset(encoded, [s.repeats for s in samples], empty, policy.dropout, cache.stats)
+
+
+def _encode_image(cache: _Cache, encoders: Encoders, path: Path, image, transform: Mapping[str, object],
+                  flip: bool, crop_rng: random.Random) -> tuple[Path, Path | None, tuple[int, int]]:
+    key = {"image": hashlib.sha256(path.read_bytes()).hexdigest(), **transform}
+    cropped, (top, left) = resize_and_crop(image, transform["bucket"], random_crop=bool(transform["random_crop"]),
+                                           rng=crop_rng)
+    width, height = transform["bucket"]
+    size_cond = torch.tensor([image.height, image.width, top, left, height, width], dtype=torch.float32)
+    pixels = image_to_tensor(cropped).unsqueeze(0)
+    paths = []
+    for flipped in ([False, True] if flip else [False]):
+        def make(flipped: bool = flipped) -> dict[str, torch.Tensor]:
+            source = torch.flip(pixels, dims=[-1]) if flipped else pixels
+            cache.stats.encoded_images += 1
+            return {"latent": encoders.encode_image(source).float().contiguous(), "size_cond": size_cond}
+
+        paths.append(cache.entry("latents", {**key, "flip": flipped}, make))
+    size = tuple(load_file(paths[0])["latent"].shape[-2:])
+    return paths[0], paths[1] if flip else None, size
+
+
+def _encode_text(cache: _Cache, encoders: Encoders, caption: str) -> Path:
+    def make() -> dict[str, torch.Tensor]:
+        cache.stats.encoded_texts += 1
+        return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous()
+                for k, v in encoders.encode_text(caption).items()}
+
+    return cache.entry("text", {"caption": caption}, make)
+
+
+class _Cache:
+    def __init__(self, root: Path, identity: str):
+        self.root, self.identity, self.stats = root, identity, CacheStats()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=root, prefix=".write_test_", delete=True)
+            probe.close()
+        except OSError as error:
+            raise PermissionError(f"Cache folder {root} is not writable ({error.strerror}); "
+                                  "choose another cache_dir") from error
+
+    def entry(self, kind: str, key: Mapping[str, object], make: Callable[[], dict[str, torch.Tensor]]) -> Path:
+        """The cache file for ``key``; made with ``make()`` when missing or damaged."""
+        blob = json.dumps({"v": CACHE_VERSION, "encoder": self.identity, **key}, sort_keys=True, default=str)
+        digest = hashlib.sha256(blob.encode()).hexdigest()
+        path = self.root / kind / digest[:2] / f"{digest}.safetensors"
+        if path.exists():
+            if _intact(path):
+                self.stats.reused += 1
+                return path
+            log.warning("cache entry %s is damaged; encoding it again", path)
+            self.stats.rebuilt_corrupt += 1
+        tensors = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"sha256": _digest(tensors)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _intact(path: Path) -> bool:
+    try:
+        with safe_open(path, "pt") as f:
+            expected = (f.metadata() or {}).get("sha256")
+        return expected is not None and _digest(load_file(path)) == expected
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return False

@@ -1,0 +1,119 @@
+"""The training run's settings: one frozen dataclass, validated up front with the option's name."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from .objectives import FLOW_SAMPLINGS, FLOW_WEIGHTINGS, OBJECTIVES
+from .optim import LR_SCHEDULES, OPTIMIZERS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Settings that may change between a checkpoint and its resumption without breaking exactness of the
+# steps already taken (e.g. "train 500 more steps").
+RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "log_every"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 500
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    grad_accum: int = 1
+    seed: int = 0
+    # LoRA
+    rank: int = 16
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    lora_dropout: float = 0.0
+    lora_init: str = "kaiming"
+    targets: tuple[str, ...] | str = ("to_q", "to_k", "to_v", "to_out.0")  # name suffixes, or one regex
+    # objective
+    objective: str = "flow"  # one of OBJECTIVES; callers resolve "auto" from the model first
+    min_snr_gamma: float = 0.0  # DDPM: 0 = off, 5 is the paper's choice
+    noise_offset: float = 0.0  # DDPM
+    timestep_sampling: str = "logit_normal"  # flow
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0  # flow: fixed timestep shift
+    dynamic_shift: bool = False  # flow: FLUX's resolution-dependent shift instead
+    loss_weighting: str = "none"  # flow
+    # optimisation
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    lr_cycles: int = 1
+    max_grad_norm: float = 1.0  # 0: no clipping
+    precision: str = "fp32"  # autocast dtype for the forward pass; adapters always fp32
+    gradient_checkpointing: bool = False
+    # reporting and safety
+    log_every: int = 10  # one host-device sync per interval: loss, NaN check
+    checkpoint_every: int = 0  # 0: no periodic checkpoints
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 3
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "grad_accum", "rank", "log_every", "keep_checkpoints", "lr_cycles")
+        _non_negative(self, "min_snr_gamma", "noise_offset", "weight_decay", "warmup_steps", "max_grad_norm",
+                      "checkpoint_every", "lora_dropout")
+        _choice(self, "objective", OBJECTIVES)
+        _choice(self, "timestep_sampling", FLOW_SAMPLINGS)
+        _choice(self, "loss_weighting", FLOW_WEIGHTINGS)
+        _choice(self, "optimizer", tuple(OPTIMIZERS))
+        _choice(self, "lr_schedule", LR_SCHEDULES)
+        _choice(self, "precision", PRECISIONS)
+        _choice(self, "lora_init", ("kaiming", "gaussian"))
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0 (or None for alpha = rank), got {self.alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every > 0 needs checkpoint_dir: where should checkpoints go?")
+        if not self.targets:
+            raise ValueError("targets is empty: name at least one module (e.g. 'to_q') or give a regex")
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    def trajectory_hash(self) -> str:
+        """Hash of every setting that shapes the trajectory (all but RESUMABLE_CHANGES)."""
+        kept = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown training settings {unknown}; valid ones are {sorted(known)}")
+        if isinstance(values.get("targets"), list):
+            values = {**values, "targets": tuple(values["targets"])}
+        return cls(**values)
+
+
+def _positive(config: TrainConfig, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+
+
+def _non_negative(config: TrainConfig, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+
+
+def _choice(config: TrainConfig, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(config, name) not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(config, name)!r}")

@@ -1,0 +1,264 @@
+"""The training loop: ``train(config, denoiser, data, on_step=..., should_stop=...) -> TrainResult``.
+
+Read top to bottom: attach LoRA, build optimizer and schedule, maybe resume, then for each optimizer
+step run ``grad_accum`` micro-batches (noise -> predict -> weighted MSE -> backward), clip, step,
+report, checkpoint. The adapters always come off the model at the end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .batching import Batch, TrainData
+from .buckets import plan_batches
+from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .denoisers import Denoiser
+from .lora import LoraAttachment, LoraTensors
+from .objectives import DDPMObjective, FlowObjective, make_objective, weighted_mse
+from .optim import make_optimizer, make_schedule
+
+log = logging.getLogger(__name__)
+EMA_DECAY = 0.9  # smoothing of the reported loss, per logging interval
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int
+    total: int
+    loss: float | None  # mean over the last logging interval; None before the first
+    smoothed_loss: float | None
+    lr: float
+    it_per_s: float
+    eta_s: float
+
+
+@dataclass
+class TrainResult:
+    lora: dict[str, LoraTensors]
+    steps_done: int
+    cancelled: bool
+    objective: str
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss of the interval)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; ``result`` holds the adapter from the last good check."""
+
+    def __init__(self, message: str, result: TrainResult):
+        super().__init__(message)
+        self.result = result
+
+
+def objective_for(config: TrainConfig) -> DDPMObjective | FlowObjective:
+    if config.objective == "flow":
+        return make_objective("flow", sampling=config.timestep_sampling, logit_mean=config.logit_mean,
+                              logit_std=config.logit_std, mode_scale=config.mode_scale, shift=config.shift,
+                              dynamic_shift=config.dynamic_shift, weighting=config.loss_weighting)
+    return make_objective(config.objective, min_snr_gamma=config.min_snr_gamma, noise_offset=config.noise_offset)
+
+
+def check_objective(config: TrainConfig, denoiser: Denoiser) -> None:
+    """A flow model trained with DDPM targets (or the reverse) learns garbage: refuse it."""
+    model_is_flow = denoiser.prediction == "flow"
+    if model_is_flow != (config.objective == "flow"):
+        raise ValueError(f"objective {config.objective!r} does not fit a model that predicts "
+                         f"{denoiser.prediction!r}; use 'auto' or the model's own objective")
+
+
+class BatchStream:
+    """Micro-batch ``n`` of the run, the same on every run with this seed: bucketed epochs, each
+    shuffled from (seed, epoch), so a resumed run continues with the very batch it would have seen.
+    The next batch is prepared on a worker thread while the current one trains."""
+
+    def __init__(self, data: TrainData, batch_size: int, seed: int, device: torch.device,
+                 dtype: torch.dtype | None):
+        self.data, self.batch_size, self.seed, self.device, self.dtype = data, batch_size, seed, device, dtype
+        self.per_epoch = len(plan_batches(data.sizes, batch_size, seed, 0))
+        self._plans: dict[int, list[list[int]]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-data")
+        self._next: tuple[int, Future[Batch]] | None = None
+        self.wait_s = 0.0  # time the loop spent waiting for data
+
+    def indices(self, position: int) -> list[int]:
+        epoch, index = divmod(position, self.per_epoch)
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_batches(self.data.sizes, self.batch_size, self.seed, epoch)}
+        return self._plans[epoch][index]
+
+    def _load(self, position: int) -> Batch:
+        rng = random.Random(f"{self.seed}:{position}")
+        return self.data.collate(self.indices(position), rng).to(self.device, self.dtype)
+
+    def get(self, position: int) -> Batch:
+        started = time.perf_counter()
+        if self._next is not None and self._next[0] == position:
+            batch = self._next[1].result()
+        else:
+            batch = self._load(position)
+        self.wait_s += time.perf_counter() - started
+        self._next = (position + 1, self._pool.submit(self._load, position + 1))
+        return batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def train(
+    config: TrainConfig,
+    denoiser: Denoiser,
+    data: TrainData,
+    *,
+    on_step: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume_from: str | None = None,
+    initial_lora: dict[str, LoraTensors] | None = None,
+) -> TrainResult:
+    check_objective(config, denoiser)
+    objective = objective_for(config)
+    module = denoiser.module
+    device = next(module.parameters()).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    attachment = LoraAttachment(module, config.targets, rank=config.rank, alpha=config.lora_alpha,
+                                dropout=config.lora_dropout, init=config.lora_init, initial=initial_lora)
+    stream = BatchStream(data, config.batch_size, config.seed, device, dtype=None)
+    was_training = module.training
+    try:
+        with torch.random.fork_rng(devices=devices):  # the host's global RNG is left as it was
+            torch.manual_seed(config.seed)
+            return _run(config, denoiser, objective, attachment, stream, device, on_step, should_stop,
+                        resume_from)
+    finally:
+        stream.close()
+        attachment.remove()
+        _set_gradient_checkpointing(denoiser, False)
+        module.train(was_training)
+
+
+def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
+         attachment: LoraAttachment, stream: BatchStream, device: torch.device,
+         on_step: Callable[[StepInfo], None] | None, should_stop: Callable[[], bool] | None,
+         resume_from: str | None) -> TrainResult:
+    params = attachment.parameters()
+    optimizer = make_optimizer(config.optimizer, params, config.learning_rate, config.weight_decay)
+    schedule = make_schedule(config.lr_schedule, optimizer, warmup_steps=config.warmup_steps,
+                             total_steps=config.steps, cycles=config.lr_cycles)
+    autocast_dtype = AUTOCAST[config.precision]
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    step, position, smoothed = 0, 0, None
+    if resume_from:
+        lora, state = load_checkpoint(resume_from, config, sorted(attachment.layers))
+        attachment.load(lora)
+        optimizer.load_state_dict(state.optimizer)
+        schedule.load_state_dict(state.schedule)
+        if scaler is not None and state.scaler:
+            scaler.load_state_dict(state.scaler)
+        _set_rng(state.rng, device)
+        step, position, smoothed = state.step, state.position, state.smoothed_loss
+        log.info("resumed from step %d (%s)", step, resume_from)
+    _set_gradient_checkpointing(denoiser, config.gradient_checkpointing)
+    module = denoiser.module
+    module.train()
+
+    result = TrainResult(attachment.tensors(), step, False, objective.name)
+    good = [p.detach().clone() for p in params]  # last adapter known finite, for the NaN guard
+    loss_sum = torch.zeros((), device=device)
+    interval_steps, interval_start, started, first_step = 0, time.perf_counter(), time.perf_counter(), step
+    it_per_s = 0.0
+    while step < config.steps:
+        if should_stop is not None and should_stop():
+            result.cancelled = True
+            break
+        for _ in range(config.grad_accum):
+            batch = stream.get(position)
+            generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + position)
+            x0 = batch.latents.float()
+            noise = objective.sample_noise(x0, generator)
+            noised = objective.make(x0, noise, objective.sample_timesteps(x0, generator))
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                pred = denoiser(noised.noisy, noised.timestep, batch.cond)
+            loss = weighted_mse(pred, noised) / config.grad_accum
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += loss.detach()
+            position += 1
+        if scaler:
+            scaler.unscale_(optimizer)
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        interval_steps += 1
+
+        at_checkpoint = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+        if step % config.log_every == 0 or step == config.steps or at_checkpoint:
+            mean = (loss_sum / interval_steps).item()  # note: the one host-device sync per interval
+            if not math.isfinite(mean):
+                _restore(params, good)
+                result.lora, result.steps_done = attachment.tensors(), step - interval_steps
+                raise TrainingDiverged(
+                    f"Loss became {mean} between steps {step - interval_steps} and {step}; kept the adapter "
+                    f"of step {result.steps_done}. Lower the learning rate or use fp32/bf16.", result)
+            good = [p.detach().clone() for p in params]
+            smoothed = mean if smoothed is None else EMA_DECAY * smoothed + (1 - EMA_DECAY) * mean
+            result.losses.append((step, mean))
+            now = time.perf_counter()
+            it_per_s = interval_steps / max(now - interval_start, 1e-9)
+            loss_sum.zero_()
+            interval_steps, interval_start = 0, now
+        result.steps_done = step
+        if at_checkpoint:
+            state = TrainState(step, position, optimizer.state_dict(), schedule.state_dict(),
+                               scaler.state_dict() if scaler else None, _get_rng(device), smoothed,
+                               config.to_dict(), config.trajectory_hash())
+            save_checkpoint(config.checkpoint_dir, attachment.tensors(), state, config.keep_checkpoints)
+        if on_step is not None:
+            last = result.losses[-1][1] if result.losses else None
+            eta = (config.steps - step) / it_per_s if it_per_s else math.inf
+            on_step(StepInfo(step, config.steps, last, smoothed, schedule.get_last_lr()[0], it_per_s, eta))
+    result.lora = attachment.tensors()
+    done = max(step - first_step, 1)
+    log.info("trained %d steps in %.1fs; waited %.1f%% of the time for data", done,
+             time.perf_counter() - started, 100 * stream.wait_s / max(time.perf_counter() - started, 1e-9))
+    return result
+
+
+def _restore(params: Sequence[torch.nn.Parameter], saved: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+
+
+def _get_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _set_gradient_checkpointing(denoiser: Denoiser, enabled: bool) -> None:
+    setter = getattr(denoiser, "set_gradient_checkpointing", None)
+    if setter is not None:
+        setter(enabled)
+    elif enabled:
+        raise ValueError(f"{type(denoiser).__name__} cannot do gradient checkpointing; turn it off")
