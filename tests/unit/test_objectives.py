@@ -7,7 +7,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from training.objectives import DDPMObjective, FlowObjective, flux_mu, make_objective, shift_sigmas, weighted_mse
+from training.objectives import (
+    DDPMObjective,
+    FlowObjective,
+    flux_mu,
+    make_objective,
+    shift_sigmas,
+    weighted_mse,
+)
 
 
 def _x0_noise(shape=(4, 4, 8, 8)):
