@@ -128,20 +128,20 @@ def train(
     module = denoiser.module
     device = next(module.parameters()).device
     devices = [device.index or 0] if device.type == "cuda" else []
-    attachment = LoraAttachment(module, config.targets, rank=config.rank, alpha=config.lora_alpha,
-                                dropout=config.lora_dropout, init=config.lora_init, initial=initial_lora)
-    stream = BatchStream(data, config.batch_size, config.seed, device, dtype=None)
     was_training = module.training
-    try:
-        with torch.random.fork_rng(devices=devices):  # the host's global RNG is left as it was
-            torch.manual_seed(config.seed)
+    with torch.random.fork_rng(devices=devices):  # the host's global RNG is left as it was
+        torch.manual_seed(config.seed)  # LoRA init and dropout follow the seed
+        attachment = LoraAttachment(module, config.targets, rank=config.rank, alpha=config.lora_alpha,
+                                    dropout=config.lora_dropout, init=config.lora_init, initial=initial_lora)
+        stream = BatchStream(data, config.batch_size, config.seed, device, dtype=None)
+        try:
             return _run(config, denoiser, objective, attachment, stream, device, on_step, should_stop,
                         resume_from)
-    finally:
-        stream.close()
-        attachment.remove()
-        _set_gradient_checkpointing(denoiser, False)
-        module.train(was_training)
+        finally:
+            stream.close()
+            attachment.remove()
+            _set_gradient_checkpointing(denoiser, False)
+            module.train(was_training)
 
 
 def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,

@@ -1,0 +1,39 @@
+"""A toy eps-denoiser small enough for many loop tests per second: two convs around an attention-like
+Linear named ``to_q``, conditioned on a pooled context."""
+
+import torch
+
+from training.batching import InMemoryData
+
+
+class ToyNet(torch.nn.Module):
+    def __init__(self, channels: int = 4, width: int = 16, context: int = 8):
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(channels + 1, width, 3, padding=1)
+        self.to_q = torch.nn.Linear(width, width)
+        self.to_k = torch.nn.Linear(context, width)
+        self.conv_out = torch.nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x, t, context):
+        time = (t.float() / 1000).view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])
+        h = torch.nn.functional.silu(self.conv_in(torch.cat([x, time], dim=1)))
+        h = h + self.to_k(context.mean(dim=1))[:, :, None, None]
+        h = self.to_q(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.conv_out(torch.nn.functional.silu(h))
+
+
+class ToyDenoiser:
+    def __init__(self, prediction: str = "eps", seed: int = 0):
+        torch.manual_seed(seed)
+        self.module = ToyNet()
+        self.prediction = prediction
+
+    def __call__(self, noisy, timestep, cond):
+        return self.module(noisy, timestep, cond["context"])
+
+
+def toy_data(count: int = 4, size: int = 8, seed: int = 0) -> InMemoryData:
+    g = torch.Generator().manual_seed(seed)
+    latents = [torch.randn(4, size, size, generator=g) for _ in range(count)]
+    conds = [{"context": torch.randn(3, 8, generator=g)} for _ in range(count)]
+    return InMemoryData(latents, conds)

@@ -1,0 +1,359 @@
+"""LoRA files: write and read the key layouts ComfyUI, kohya/A1111 and diffusers load.
+
+Keys per format (``<m>`` is the module path the caller already renamed for the target loader):
+
+- ``comfy``:     ``diffusion_model.<m>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
+- ``kohya``:     ``lora_unet_<m with . -> _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
+- ``diffusers``: ``transformer.<m>.lora_A.weight`` / ``.lora_B.weight``, alpha/rank baked into B,
+  no ``.alpha`` key (diffusers drops it for A/B files while ComfyUI applies it; baking agrees with both).
+
+Files are written atomically: a crash or kill mid-write never leaves a partial file at the final path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .lora import LoraTensors
+
+FORMATS = ("comfy", "kohya", "diffusers")
+DEFAULT_PREFIX = {"comfy": "diffusion_model", "kohya": "lora_unet", "diffusers": "transformer"}
+# Prefixes load_lora recognises (module names with dots, and kohya's underscore names).
+DOTTED_PREFIXES = ("diffusion_model", "transformer", "unet")
+KOHYA_PREFIXES = ("lora_unet", "lora_transformer")
+IMPL_COMFYUI = "https://github.com/comfyanonymous/ComfyUI"
+
+_SUFFIXES = {
+    "comfy": (".lora_down.weight", ".lora_up.weight"),
+    "kohya": (".lora_down.weight", ".lora_up.weight"),
+    "diffusers": (".lora_A.weight", ".lora_B.weight"),
+}
+_PARTS = {
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".alpha": "alpha",
+}
+_CHUNK = 16 << 20  # bytes per write call
+
+
+def file_module_name(path: str, *, format: str, prefix: str | None = None) -> str:
+    """The name module ``path`` has in a ``format`` file (the key without its ``.lora_*`` suffix)."""
+    _check_format(format)
+    prefix = prefix or DEFAULT_PREFIX[format]
+    return f"{prefix}_{path.replace('.', '_')}" if format == "kohya" else f"{prefix}.{path}"
+
+
+def to_state_dict(
+    layers: Mapping[str, LoraTensors],
+    *,
+    format: str,
+    prefix: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors ``save_lora`` writes: contiguous CPU tensors in ``dtype`` (None keeps each one's)."""
+    _check_format(format)
+    if not layers:
+        raise ValueError("No LoRA layers to save: the adapter is empty (were any target modules matched?)")
+    down_suffix, up_suffix = _SUFFIXES[format]
+    out: dict[str, torch.Tensor] = {}
+    for path, lora in sorted(layers.items()):
+        if lora.up.shape[1] != lora.rank:
+            raise ValueError(
+                f"LoRA {path}: down has rank {lora.rank} but up has {lora.up.shape[1]} columns "
+                f"(shapes {tuple(lora.down.shape)} / {tuple(lora.up.shape)})"
+            )
+        name = file_module_name(path, format=format, prefix=prefix)
+        up = lora.up.detach()
+        if format == "diffusers":  # bake alpha/rank in; computed in fp32 so rounding happens once
+            up = up.float() * lora.scale
+        out[name + down_suffix] = _cpu(lora.down.detach(), dtype or lora.down.dtype)
+        out[name + up_suffix] = _cpu(up, dtype or lora.up.dtype)
+        if format != "diffusers":
+            # kohya writes alpha in the weights' dtype; every loader reads it with .item(), so fp32 is
+            # exact everywhere (a bf16 alpha would round values such as 0.3).
+            out[name + ".alpha"] = torch.tensor(float(lora.alpha), dtype=torch.float32)
+    return out
+
+
+def save_lora(
+    path: str | os.PathLike[str],
+    layers: Mapping[str, LoraTensors],
+    *,
+    format: str,
+    prefix: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``layers`` as a ``format`` LoRA file at ``path``, atomically; returns the path.
+
+    With ``metadata``, kohya's ``sshs_model_hash`` / ``sshs_legacy_hash`` are added, computed as
+    kohya does (over the tensors serialised with only the ``ss_*`` metadata).
+    """
+    target = Path(path)
+    header = _check_metadata(metadata)
+    tensors = to_state_dict(layers, format=format, prefix=prefix, dtype=dtype)
+    if metadata is not None:
+        header.update(kohya_hashes(tensors, header))
+    data = safetensors.torch.save(tensors, header or None)
+    _atomic_write(target, data)
+    return target
+
+
+def load_lora(
+    path: str | os.PathLike[str], module_paths: Iterable[str] | None = None
+) -> tuple[dict[str, LoraTensors], dict[str, str]]:
+    """Read a comfy/kohya/diffusers LoRA file: (layers keyed by module path, metadata).
+
+    ``module_paths`` (the names the layers should come back under) is needed to recover dotted names
+    from kohya files; every layer in the file must then match one of them. Without it, kohya layers
+    come back under the file's underscore names. Files without alpha load with alpha = rank.
+    """
+    source = Path(path)
+    tensors, metadata = _read(source)
+    groups, styles = _group(tensors, source)
+    fmt, prefix = _detect(groups, styles, source)
+    names = _resolve(groups, fmt, prefix, module_paths, source)
+    layers: dict[str, LoraTensors] = {}
+    for name, module_path in sorted(names.items(), key=lambda item: item[1]):
+        parts = groups[name]
+        down, up = parts["down"], parts["up"]
+        if up.shape[1] != down.shape[0]:
+            raise ValueError(
+                f"{source}: {name} has down {tuple(down.shape)} and up {tuple(up.shape)}, whose ranks differ"
+            )
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        layers[module_path] = LoraTensors(down, up, alpha)
+    return layers, metadata
+
+
+def build_metadata(
+    *,
+    base_model_version: str,
+    architecture: str,
+    rank: int,
+    alpha: float,
+    steps: int,
+    resolution: tuple[int, int] | int,
+    title: str,
+    config: Mapping[str, object],
+    tag_frequency: Mapping[str, Mapping[str, int]] | None = None,
+    trigger: str = "",
+    v2: bool = False,
+    network_module: str = "networks.lora",
+    network_args: Mapping[str, object] | None = None,
+    implementation: str = IMPL_COMFYUI,
+    started_at: float | None = None,
+) -> dict[str, str]:
+    """kohya's minimum ``ss_*`` keys, Stability's ``modelspec.*`` keys and ``lora_trainer.config``.
+
+    ``base_model_version`` is kohya's (``sd_v1``, ``sdxl_base_v1-0``, ``flux1``, ...);
+    ``architecture`` the model spec's (``stable-diffusion-v1/lora``, ``flux-1-dev/lora``, ...);
+    ``tag_frequency`` is ``{"<repeats>_<dir>": {tag: count}}``. Values are formatted as kohya's.
+    """
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if rank < 1 or steps < 0 or width < 1 or height < 1:
+        raise ValueError(
+            f"build_metadata needs rank >= 1, steps >= 0, resolution > 0; got {rank}, {steps}, {resolution}"
+        )
+    started = time.time() if started_at is None else started_at
+    metadata = {
+        "ss_network_module": network_module,
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_network_args": json.dumps(dict(network_args or {}), sort_keys=True),
+        "ss_base_model_version": base_model_version,
+        "ss_v2": str(bool(v2)),
+        "ss_tag_frequency": json.dumps({d: dict(tags) for d, tags in (tag_frequency or {}).items()}),
+        "ss_resolution": str((int(width), int(height))),
+        "ss_steps": str(int(steps)),
+        "ss_training_started_at": str(started),
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": implementation,
+        "modelspec.title": title,
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.resolution": f"{width}x{height}",
+        "lora_trainer.config": json.dumps(dict(config), sort_keys=True, default=str),
+    }
+    if trigger:
+        metadata["modelspec.trigger_phrase"] = trigger
+    return metadata
+
+
+def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """``sshs_model_hash`` / ``sshs_legacy_hash`` as kohya's ``precalculate_safetensors_hashes``.
+
+    The model hash is the SHA-256 of the tensor data (the file after its header), so it holds for the
+    final file; the legacy hash reads 64 KiB at offset 1 MiB of the file serialised with only the
+    ``ss_*`` metadata (A1111's additional-networks index uses both).
+    """
+    training = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    data = safetensors.torch.save(dict(tensors), training or None)
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(memoryview(data)[header_end:]).hexdigest()
+    legacy_hash = hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    return {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+
+
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"Unknown LoRA format {format!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(
+                f"LoRA metadata {key!r} has a value of type {type(value).__name__}; safetensors metadata keys "
+                "and values must be str: convert with str() or json.dumps()"
+            )
+    return dict(metadata or {})
+
+
+def _cpu(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(device="cpu", dtype=dtype).contiguous()
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    """Write to a hidden temp file beside ``target``, fsync, then rename over it in one step."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # ".tmp" keeps the partial file out of ComfyUI's model lists, which filter by extension.
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temp, "xb") as handle:
+            view = memoryview(data)
+            for start in range(0, len(view), _CHUNK):
+                handle.write(view[start : start + _CHUNK])
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:  # also on KeyboardInterrupt: remove the partial file, then re-raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    with contextlib.suppress(OSError):  # persist the rename itself; directories can't be opened on Windows
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def _read(source: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not source.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {source}")
+    try:
+        with safetensors.safe_open(str(source), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except safetensors.SafetensorError as error:
+        raise ValueError(
+            f"{source} is not a readable .safetensors file ({error}); pick a LoRA .safetensors"
+        ) from error
+    if not tensors:
+        raise ValueError(f"{source} holds no tensors; it is not a LoRA file")
+    return tensors, metadata
+
+
+def _group(
+    tensors: Mapping[str, torch.Tensor], source: Path
+) -> tuple[dict[str, dict[str, torch.Tensor]], set[str]]:
+    """(module name -> {"down", "up", "alpha"}, suffix styles seen); unknown keys and lone halves raise."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    styles, unknown = set(), []
+    for key, tensor in tensors.items():
+        suffix = next((s for s in _PARTS if key.endswith(s)), None)
+        if suffix is None:
+            unknown.append(key)
+            continue
+        groups.setdefault(key[: -len(suffix)], {})[_PARTS[suffix]] = tensor
+        if suffix != ".alpha":
+            styles.add("diffusers" if suffix in _SUFFIXES["diffusers"] else "kohya")
+    if unknown:
+        raise ValueError(
+            f"{source} has keys that are not plain LoRA down/up/alpha tensors (LoCon/LoHa/DoRA/.diff are not "
+            f"supported): {sorted(unknown)[:10]}"
+        )
+    for name, parts in groups.items():
+        for part, partner in (("down", "up"), ("up", "down")):
+            if part in parts and partner not in parts:
+                key = next(name + s for s, p in _PARTS.items() if p == part and name + s in tensors)
+                raise ValueError(f"{source}: {key} has no matching {partner} weight; the file is incomplete")
+        if "down" not in parts:
+            raise ValueError(
+                f"{source}: {name}.alpha has no lora_down/lora_up weights; the file is incomplete"
+            )
+    return groups, styles
+
+
+def _detect(names: Iterable[str], styles: set[str], source: Path) -> tuple[str, str]:
+    """(format, prefix) from the keys; one of each per file."""
+    dotted, prefixes = set(), set()
+    for name in names:
+        prefix = name.split(".", 1)[0]
+        if prefix in DOTTED_PREFIXES and "." in name:
+            dotted.add(True)
+        else:
+            prefix = next((p for p in KOHYA_PREFIXES if name.startswith(p + "_")), "")
+            dotted.add(False)
+        if not prefix:
+            raise ValueError(
+                f"{source}: layer {name!r} starts with no known prefix; expected '<p>.<module>' with p in "
+                f"{DOTTED_PREFIXES} or '<p>_<module>' with p in {KOHYA_PREFIXES} (text-encoder LoRAs are not read)"
+            )
+        prefixes.add(prefix)
+    if len(dotted) > 1 or len(prefixes) > 1 or len(styles) > 1:
+        raise ValueError(
+            f"{source} mixes key layouts (prefixes {sorted(prefixes)}, suffixes of {sorted(styles)} files); "
+            "a LoRA file must use one layout"
+        )
+    if dotted == {False}:
+        if styles == {"diffusers"}:
+            raise ValueError(
+                f"{source}: lora_A/lora_B keys need dotted module names, got {sorted(names)[:3]}"
+            )
+        return "kohya", prefixes.pop()
+    return ("diffusers" if styles == {"diffusers"} else "comfy"), prefixes.pop()
+
+
+def _resolve(
+    groups: Mapping[str, object],
+    fmt: str,
+    prefix: str,
+    module_paths: Iterable[str] | None,
+    source: Path,
+) -> dict[str, str]:
+    """File module name -> the module path it is returned under."""
+    if module_paths is None:
+        return {name: name[len(prefix) + 1 :] for name in groups}
+    expected: dict[str, str] = {}
+    for module_path in module_paths:
+        name = file_module_name(module_path, format=fmt, prefix=prefix)
+        if expected.setdefault(name, module_path) != module_path:
+            raise ValueError(
+                f"Module paths {expected[name]!r} and {module_path!r} both become {name!r} in a {fmt} file; "
+                "kohya names cannot tell them apart, save this adapter in the comfy or diffusers format"
+            )
+    unmatched = sorted(set(groups) - set(expected))
+    if unmatched:
+        raise ValueError(
+            f"{source}: {len(unmatched)} LoRA layer(s) match none of the {len(expected)} module paths given: "
+            f"{unmatched[:10]}; expected names such as {sorted(expected)[:10]}. Load it with the model it was "
+            "trained for, or pass module_paths=None to read the file's own names"
+        )
+    return {name: expected[name] for name in groups}
