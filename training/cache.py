@@ -88,10 +88,10 @@ class EncodedDataset:
     per batch, never held for the whole dataset; repeats become repeated indices."""
 
     def __init__(self, samples: Sequence[EncodedSample], repeats: Sequence[int], empty_text: Path,
-                 dropout: float, stats: CacheStats):
+                 policy: CaptionPolicy, stats: CacheStats):
         self.samples = [s for s, n in zip(samples, repeats) for _ in range(n)]
         self.sizes = [s.size for s in self.samples]
-        self.empty_text, self.dropout, self.stats = empty_text, dropout, stats
+        self.empty_text, self.policy, self.stats = empty_text, policy, stats
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -102,7 +102,7 @@ class EncodedDataset:
             sample = self.samples[i]
             use_flip = sample.flipped is not None and rng.random() < 0.5
             image = load_file(sample.flipped if use_flip else sample.latent)
-            text = self.empty_text if rng.random() < self.dropout else rng.choice(sample.texts)
+            text = self.empty_text if self.policy.drops(rng) else rng.choice(sample.texts)
             cond = load_file(text)
             if sample.control is not None:
                 cond["control"] = load_file(sample.control)["latent"]
@@ -140,7 +140,7 @@ def encode_dataset(samples: Sequence[Sample], encoders: Encoders, cache_dir: str
             on_progress(number + 1, len(samples))
     empty = _encode_text(cache, encoders, "")
     log.info("latent cache %s: %s", cache.root, cache.stats)
-    return EncodedDataset(encoded, [s.repeats for s in samples], empty, policy.dropout, cache.stats)
+    return EncodedDataset(encoded, [s.repeats for s in samples], empty, policy, cache.stats)
 
 
 def _encode_image(cache: _Cache, encoders: Encoders, path: Path, image, transform: Mapping[str, object],

@@ -37,3 +37,29 @@ def toy_data(count: int = 4, size: int = 8, seed: int = 0) -> InMemoryData:
     latents = [torch.randn(4, size, size, generator=g) for _ in range(count)]
     conds = [{"context": torch.randn(3, 8, generator=g)} for _ in range(count)]
     return InMemoryData(latents, conds)
+
+
+class ToyEncoders:
+    """Deterministic stand-ins for a VAE (8× average pool + a fixed channel mix) and a text encoder
+    (one embedding per word, so captions give sequences of different lengths). Calls are counted."""
+
+    latent_multiple = 8
+
+    def __init__(self, identity: str = "toy-v1"):
+        self.identity = identity
+        g = torch.Generator().manual_seed(0)
+        self.mix = torch.randn(4, 3, generator=g)
+        self.words = torch.randn(64, 8, generator=g)
+        self.image_calls = 0
+        self.text_calls = 0
+
+    def encode_image(self, pixels):
+        self.image_calls += 1
+        pooled = torch.nn.functional.avg_pool2d(pixels, 8)[0]
+        return torch.einsum("oc,chw->ohw", self.mix, pooled)
+
+    def encode_text(self, caption):
+        self.text_calls += 1
+        ids = [sum(map(ord, w)) % 64 for w in caption.replace(",", " ").split()] or [0]
+        context = self.words[ids]
+        return {"context": context, "pooled": context.mean(dim=0)}

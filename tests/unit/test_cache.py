@@ -1,0 +1,131 @@
+"""The encoder cache: encode once, reuse, re-encode only what changed, never trust a damaged entry."""
+
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from training.cache import CacheSettings, encode_dataset
+from training.captions import CaptionPolicy
+from training.dataset import scan_folder
+
+from .toy import ToyEncoders
+
+
+def _dataset(folder, captions=("red square", "blue sky, clouds, sun", "green"), sizes=((96, 96),) * 3):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (caption, size) in enumerate(zip(captions, sizes)):
+        Image.new("RGB", size, (40 * i, 200 - 40 * i, 90)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(caption)
+    return scan_folder(folder).samples
+
+
+SETTINGS = CacheSettings(resolution=64, bucket_multiple=16)
+
+
+def test_second_run_reuses_everything_and_a_changed_image_alone_is_encoded_again(tmp_path):
+    samples = _dataset(tmp_path / "data")
+    first = ToyEncoders()
+    data = encode_dataset(samples, first, tmp_path / "cache", SETTINGS)
+    assert (first.image_calls, first.text_calls) == (3, 4)  # 3 captions + the empty one
+    again = ToyEncoders()
+    encode_dataset(samples, again, tmp_path / "cache", SETTINGS)
+    assert (again.image_calls, again.text_calls) == (0, 0)
+    Image.new("RGB", (96, 96), (1, 2, 3)).save(tmp_path / "data" / "img1.png")
+    changed = ToyEncoders()
+    encode_dataset(samples, changed, tmp_path / "cache", SETTINGS)
+    assert (changed.image_calls, changed.text_calls) == (1, 0)
+    assert len(data) == 3 and data.sizes == [(8, 8)] * 3
+
+
+def test_another_encoder_identity_encodes_again(tmp_path):
+    samples = _dataset(tmp_path / "data")
+    encode_dataset(samples, ToyEncoders("vae-a"), tmp_path / "cache", SETTINGS)
+    other = ToyEncoders("vae-b")
+    encode_dataset(samples, other, tmp_path / "cache", SETTINGS)
+    assert (other.image_calls, other.text_calls) == (3, 4)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
+def test_a_damaged_entry_is_detected_and_rebuilt(tmp_path, damage):
+    samples = _dataset(tmp_path / "data")
+    encode_dataset(samples, ToyEncoders(), tmp_path / "cache", SETTINGS)
+    entry = sorted((tmp_path / "cache" / "latents").rglob("*.safetensors"))[0]
+    raw = bytearray(entry.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[-3] ^= 0xFF  # inside the tensor payload: the header still parses
+    entry.write_bytes(bytes(raw))
+    encoders = ToyEncoders()
+    data = encode_dataset(samples, encoders, tmp_path / "cache", SETTINGS)
+    assert encoders.image_calls == 1 and data.stats.rebuilt_corrupt == 1
+    again = ToyEncoders()
+    encode_dataset(samples, again, tmp_path / "cache", SETTINGS)
+    assert again.image_calls == 0
+
+
+def test_batches_pad_text_with_masks_and_use_the_empty_caption_for_dropout(tmp_path):
+    samples = _dataset(tmp_path / "data")
+    encoders = ToyEncoders()
+    data = encode_dataset(samples, encoders, tmp_path / "cache", SETTINGS, CaptionPolicy(dropout=0.5))
+    batch = data.collate([0, 1, 2], random.Random(3))
+    assert batch.latents.shape == (3, 4, 8, 8)
+    lengths = batch.cond["mask"].sum(dim=1).tolist()
+    assert batch.cond["context"].shape[1] == max(lengths)
+    for row, n in enumerate(lengths):
+        assert torch.all(batch.cond["context"][row, int(n):] == 0)
+    empty = encoders.encode_text("")["context"]
+    dropped = 0
+    for seed in range(40):
+        cond = data.collate([1], random.Random(seed)).cond
+        length = int(cond["mask"][0].sum()) if "mask" in cond else cond["context"].shape[1]
+        if length == 1 and torch.equal(cond["context"][0, :1], empty):
+            dropped += 1
+    assert 8 < dropped < 32  # about half
+
+
+def test_shuffled_caption_variants_are_cached_and_picked_per_step(tmp_path):
+    samples = _dataset(tmp_path / "data")
+    policy = CaptionPolicy(trigger="zkx", shuffle=True)
+    encoders = ToyEncoders()
+    data = encode_dataset(samples, encoders, tmp_path / "cache",
+                          CacheSettings(resolution=64, bucket_multiple=16, caption_variants=4), policy)
+    assert len(data.samples[1].texts) == 4  # "blue sky, clouds, sun" has 3! = 6 orders
+    seen = {tuple(data.collate([1], random.Random(s)).cond["context"][0, :, 0].tolist()) for s in range(30)}
+    assert len(seen) > 1
+
+
+def test_flip_caches_both_orientations_and_repeats_expand(tmp_path):
+    folder = tmp_path / "data" / "3_thing"
+    _dataset(folder, captions=("a",), sizes=((64, 128),))
+    gradient = Image.linear_gradient("L").resize((64, 128)).rotate(90).convert("RGB")
+    gradient.save(folder / "img0.png")
+    samples = scan_folder(tmp_path / "data").samples
+    encoders = ToyEncoders()
+    data = encode_dataset(samples, encoders, tmp_path / "cache",
+                          CacheSettings(resolution=64, bucket_multiple=16, flip=True))
+    assert encoders.image_calls == 2 and len(data) == 3
+    assert data.sizes[0][0] > data.sizes[0][1]  # a tall image gets a tall bucket
+    picks = {tuple(data.collate([0], random.Random(s)).latents[0, 0, 0].tolist()) for s in range(20)}
+    assert len(picks) == 2
+
+
+def test_edit_pairs_carry_the_control_latent(tmp_path):
+    folder = tmp_path / "data"
+    _dataset(folder, captions=("make it blue",), sizes=((64, 64),))
+    (folder / "control").mkdir()
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(folder / "control" / "img0.png")
+    samples = scan_folder(folder, edit_pairs=True).samples
+    data = encode_dataset(samples, ToyEncoders(), tmp_path / "cache", SETTINGS)
+    batch = data.collate([0], random.Random(0))
+    assert batch.cond["control"].shape == batch.latents.shape
+    assert not torch.equal(batch.cond["control"], batch.latents)
+
+
+def test_an_unwritable_cache_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match=str(blocker / "cache")):
+        encode_dataset(_dataset(tmp_path / "data"), ToyEncoders(), blocker / "cache", SETTINGS)
