@@ -100,7 +100,7 @@ def test_shuffled_caption_variants_are_cached_and_picked_per_step(tmp_path):
 def test_flip_caches_both_orientations_and_repeats_expand(tmp_path):
     folder = tmp_path / "data" / "3_thing"
     _dataset(folder, captions=("a",), sizes=((64, 128),))
-    gradient = Image.linear_gradient("L").resize((64, 128)).rotate(90).convert("RGB")
+    gradient = Image.linear_gradient("L").rotate(90, expand=True).resize((64, 128)).convert("RGB")
     gradient.save(folder / "img0.png")
     samples = scan_folder(tmp_path / "data").samples
     encoders = ToyEncoders()
