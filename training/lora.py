@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 ADAPTER = "default"
 # B = 0 in every case, so step 0 is the base model exactly.
 LORA_INITS = {"kaiming": True, "gaussian": "gaussian"}
+ALL_LINEAR = "all-linear"  # targets value: every nn.Linear (and subclass) in the module
 
 
 @dataclass
@@ -46,7 +47,7 @@ class LoraAttachment:
     def __init__(
         self,
         module: torch.nn.Module,
-        targets: Sequence[str] | str,
+        targets: Sequence[str] | str,  # name suffixes, one regex, or ALL_LINEAR
         *,
         rank: int,
         alpha: float,
@@ -61,6 +62,8 @@ class LoraAttachment:
         if initial:
             rank, alpha = _uniform_rank_alpha(initial)
             targets = sorted(initial)
+        elif targets == ALL_LINEAR:
+            targets = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
         self.module = module
         self._requires_grad = {name: p.requires_grad for name, p in module.named_parameters()}
         config = LoraConfig(

@@ -105,3 +105,9 @@ def test_bad_targets_and_bad_weights_say_what_is_wrong():
              "to_k": LoraTensors(torch.zeros(4, 8), torch.zeros(8, 4), 4.0)}
     with pytest.raises(ValueError, match="one rank and alpha"):
         LoraAttachment(model, [], rank=2, alpha=2, initial=mixed)
+
+
+def test_all_linear_targets_every_linear_and_nothing_else():
+    model, _, _ = _model_and_inputs()
+    with LoraAttachment(model, "all-linear", rank=2, alpha=2) as attachment:
+        assert sorted(attachment.layers) == ["to_k", "to_q"]
