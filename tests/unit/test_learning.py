@@ -7,14 +7,16 @@ shortcut that helps any input (the tiny models start from random weights, so som
 is general denoising).
 """
 
+import logging
+
 import pytest
 import torch
 
 from training.batching import InMemoryData
 from training.config import TrainConfig
 from training.denoisers import FluxDenoiser, QwenImageDenoiser, UNetDenoiser
-from training.lora import LoraAttachment
 from training.loop import objective_for, train
+from training.lora import LoraAttachment
 from training.objectives import weighted_mse
 
 from .tiny_models import LATENT_CHANNELS, tiny_cond, tiny_flux, tiny_qwen_image, tiny_unet
@@ -70,7 +72,7 @@ def test_200_steps_lower_the_probe_loss_on_training_images_more_than_held_out(fa
         after_held = _probe_loss(denoiser, objective, held_latents, held_conds)
     train_drop = 1 - after_train / before_train
     held_drop = 1 - after_held / before_held
-    print(f"{family}: train {before_train:.4f} -> {after_train:.4f} ({train_drop:.0%}), "
+    logging.getLogger(__name__).info(f"{family}: train {before_train:.4f} -> {after_train:.4f} ({train_drop:.0%}), "
           f"held-out {before_held:.4f} -> {after_held:.4f} ({held_drop:.0%})")
     assert train_drop >= 0.30
     assert held_drop < train_drop
