@@ -6,11 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.unit.toy import ToyEncoders
 from training.cache import CacheSettings, encode_dataset
 from training.captions import CaptionPolicy
 from training.dataset import scan_folder
-
-from .toy import ToyEncoders
 
 
 def _dataset(folder, captions=("red square", "blue sky, clouds, sun", "green"), sizes=((96, 96),) * 3):

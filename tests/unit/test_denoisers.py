@@ -6,21 +6,20 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
 
-from training.denoisers import (
-    FluxDenoiser,
-    QwenImageDenoiser,
-    UNetDenoiser,
-    pack_latents,
-    unpack_latents,
-)
-
-from .tiny_models import (
+from tests.unit.tiny_models import (
     LATENT_CHANNELS,
     tiny_cond,
     tiny_flux,
     tiny_qwen_image,
     tiny_sdxl_unet,
     tiny_unet,
+)
+from training.denoisers import (
+    FluxDenoiser,
+    QwenImageDenoiser,
+    UNetDenoiser,
+    pack_latents,
+    unpack_latents,
 )
 
 FAMILIES = {

@@ -12,14 +12,13 @@ import logging
 import pytest
 import torch
 
+from tests.unit.tiny_models import LATENT_CHANNELS, tiny_cond, tiny_flux, tiny_qwen_image, tiny_unet
 from training.batching import InMemoryData
 from training.config import TrainConfig
 from training.denoisers import FluxDenoiser, QwenImageDenoiser, UNetDenoiser
 from training.loop import objective_for, train
 from training.lora import LoraAttachment
 from training.objectives import weighted_mse
-
-from .tiny_models import LATENT_CHANNELS, tiny_cond, tiny_flux, tiny_qwen_image, tiny_unet
 
 # The tiny models have few attention layers, so the adapters also go on the MLPs (and the UNet's convs).
 UNET_TARGETS = r".*(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|conv1|conv2|ff\.net\.0\.proj|ff\.net\.2)$"

@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 
+from tests.unit.toy import ToyDenoiser, toy_data
 from training.checkpoint import list_checkpoints
 from training.config import TrainConfig
 from training.loop import TrainingDiverged, train
-
-from .toy import ToyDenoiser, toy_data
 
 BASE = dict(objective="ddpm-eps", targets=("to_q", "to_k"), rank=4, learning_rate=1e-2, batch_size=2,
             log_every=5, seed=7)

@@ -1,0 +1,14 @@
+"""ComfyUI entry point: registers this pack's nodes. Nothing else happens here.
+
+Importing the package without ComfyUI (tools, tests) registers nothing instead of failing.
+"""
+
+try:
+    import folder_paths  # noqa: F401  (present only inside a ComfyUI process)
+except ImportError:
+    NODE_CLASS_MAPPINGS: dict = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+else:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
