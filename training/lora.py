@@ -123,7 +123,11 @@ class LoraAttachment:
         self._tuner = None
         self.layers = {}
         for name, param in self.module.named_parameters():
-            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+            wanted = self._requires_grad.get(name, param.requires_grad)
+            if param.requires_grad != wanted:
+                # weights made under torch.inference_mode (as ComfyUI loads them) only take the flag there
+                with torch.inference_mode(param.is_inference()):
+                    param.requires_grad_(wanted)
 
     def __enter__(self) -> LoraAttachment:
         return self

@@ -1,0 +1,174 @@
+"""The one bridge from ComfyUI objects (MODEL, VAE, CLIP, progress bar, Cancel) to the engine's protocols."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Sequence
+
+import comfy.model_management as mm
+import comfy.utils
+import torch
+
+from ..training.batching import Batch, TrainData
+from ..training.loop import StepInfo
+from .families import prediction_of
+
+log = logging.getLogger(__name__)
+
+
+class ComfyDenoiser:
+    """A ComfyUI MODEL as the engine's Denoiser. Calls the diffusion model directly, so the output is the
+    raw prediction (eps, v or velocity) rather than ComfyUI's denoised x0, which would divide by σ."""
+
+    def __init__(self, model):
+        self.base = model.model
+        self.module = self.base.diffusion_model
+        self.prediction = prediction_of(model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.manual_cast_dtype or self.base.get_dtype()
+
+    def __call__(self, noisy: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        # DDPM gets its discrete t as is; flow σ becomes the model's timestep through model_sampling.
+        t = self.base.model_sampling.timestep(timestep) if self.prediction == "flow" else timestep
+        out = self.module(noisy.to(self.dtype), t.float(), context=cond["context"].to(self.dtype),
+                          control=None, transformer_options={})
+        return out.float()
+
+
+class LatentsIn:
+    """Cached latents are the VAE's raw output (like ComfyUI's LATENT); the model trains on them after
+    its own ``process_latent_in`` (SD1: × 0.18215), as ComfyUI's samplers do."""
+
+    def __init__(self, data: TrainData, model):
+        self.data, self.base = data, model.model
+        self.sizes = data.sizes
+
+    def collate(self, indices: Sequence[int], rng: random.Random) -> Batch:
+        batch = self.data.collate(indices, rng)
+        return Batch(self.base.process_latent_in(batch.latents), batch.cond)
+
+
+class ComfyEncoders:
+    """ComfyUI's VAE and CLIP as the cache's Encoders: text goes through the CLIP object the way
+    CLIPTextEncode does, so every family's extras (pooled output, masks) come along."""
+
+    def __init__(self, vae, clip):
+        self.vae, self.clip = vae, clip
+        self.latent_multiple = int(vae.spacial_compression_encode())
+        self.identity = fingerprint(vae.first_stage_model, clip.cond_stage_model,
+                                    extra=f"layer={clip.layer_idx};patches={len(clip.patcher.patches)}")
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        images = ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # ComfyUI IMAGE: [B, H, W, C] in [0, 1]
+        return self.vae.encode(images)[0].float().cpu()
+
+    def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
+        tokens = self.clip.tokenize(caption)
+        (context, extras), *_ = self.clip.encode_from_tokens_scheduled(tokens, show_pbar=False)
+        out = {"context": context[0].float().cpu()}
+        for key, value in extras.items():
+            if isinstance(value, torch.Tensor):
+                name = {"pooled_output": "pooled", "attention_mask": "mask"}.get(key, key)
+                out[name] = value[0].cpu()
+        return out
+
+    def release(self) -> None:
+        """Take the VAE and text encoder off the GPU: training needs the memory."""
+        unload(self.vae.patcher, self.clip.patcher)
+
+
+def fingerprint(*modules: torch.nn.Module, extra: str = "") -> str:
+    """A cheap identity for encoder weights: class, names, shapes, dtypes and the first values of each tensor."""
+    h = hashlib.sha256(extra.encode())
+    for module in modules:
+        h.update(type(module).__name__.encode())
+        for name, tensor in module.state_dict().items():
+            h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if tensor.numel():
+                h.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def unload(*patchers) -> None:
+    loaded = mm.current_loaded_models
+    for i in reversed(range(len(loaded))):
+        if loaded[i].model in patchers:
+            loaded[i].model_unload()
+            loaded.pop(i)
+    mm.soft_empty_cache()
+
+
+def load_for_training(model) -> None:
+    """Load the MODEL onto the compute device the way ComfyUI does for sampling, fully (no offload), with
+    weights that autograd may use."""
+    mm.load_models_gpu([model], force_full_load=True)
+    leave_inference_mode(model.model.diffusion_model)
+
+
+def leave_inference_mode(module: torch.nn.Module) -> None:
+    """ComfyUI loads weights inside ``torch.inference_mode``; autograd refuses to save such tensors for the
+    backward pass. Swap each for an ordinary copy of the same values, one at a time (peak memory: one
+    tensor), so outputs stay bit-for-bit the same and later runs find nothing left to do."""
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None and param.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
+            for name, buffer in list(sub._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    sub._buffers[name] = buffer.clone()
+
+
+class Progress:
+    """Engine callbacks -> ComfyUI's progress bar (websocket ``progress``), a status line on the node, and
+    Cancel. The interrupt is read every step; ComfyUI's progress hook would raise it from inside the
+    step, losing the adapter, so an interrupt seen there only makes ``should_stop`` true."""
+
+    def __init__(self, total: int, node_id: str | None):
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.node_id = node_id
+        self.interrupted = False
+
+    def should_stop(self) -> bool:
+        self.interrupted = self.interrupted or mm.processing_interrupted()
+        return self.interrupted
+
+    def on_step(self, info: StepInfo) -> None:
+        if self.should_stop():
+            return
+        try:
+            self.bar.update_absolute(info.step, info.total)
+        except mm.InterruptProcessingException:
+            self.interrupted = True
+            return
+        self.text(status_line(info))
+
+    def text(self, message: str) -> None:
+        server = _prompt_server()
+        if server is not None and self.node_id is not None:
+            server.send_progress_text(message, self.node_id)
+
+
+def status_line(info: StepInfo) -> str:
+    loss = "…" if info.loss is None else f"{info.loss:.4f} (avg {info.smoothed_loss:.4f})"
+    eta = "" if info.eta_s == float("inf") else f", ETA {info.eta_s:.0f}s"
+    return f"step {info.step}/{info.total}, loss {loss}, lr {info.lr:.2e}, {info.it_per_s:.2f} it/s{eta}"
+
+
+def _prompt_server():
+    try:
+        import server
+    except ImportError:
+        return None
+    return getattr(server.PromptServer, "instance", None)
+
+
+def interrupt_now() -> None:
+    """End the prompt the way ComfyUI's Cancel does, after our own clean-up."""
+    mm.throw_exception_if_processing_interrupted()
+
+

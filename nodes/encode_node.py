@@ -1,0 +1,67 @@
+"""Encode Latents Cache: VAE latents and text embeddings once, on disk, reused across runs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import comfy.utils
+import folder_paths
+
+from ..training.cache import CacheSettings, EncodedDataset, encode_dataset
+from .bridge import ComfyEncoders
+from .dataset_nodes import CATEGORY, LoraDataset
+
+DEFAULT_CACHE = "lora_trainer_cache"
+
+
+@dataclass
+class LoraEncoded:
+    """LORA_ENCODED: the cached dataset and where it came from."""
+
+    data: EncodedDataset
+    dataset: LoraDataset
+    cache_dir: str
+
+
+def resolve_cache_dir(cache_dir: str) -> str:
+    """Absolute paths as given; relative ones inside ComfyUI's output folder (kept across restarts)."""
+    cache_dir = cache_dir.strip() or DEFAULT_CACHE
+    return cache_dir if os.path.isabs(cache_dir) else os.path.join(folder_paths.get_output_directory(), cache_dir)
+
+
+class EncodeLatentsCache:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LORA_ENCODED", "STRING")
+    RETURN_NAMES = ("encoded", "report")
+    FUNCTION = "execute"
+    DESCRIPTION = ("Encode every image (VAE) and caption (CLIP, plus the empty caption for dropout) once; "
+                   "later runs reuse the cache and re-encode only what changed. Frees the encoders after.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dataset": ("LORA_DATASET", {"tooltip": "From Load LoRA Dataset or Caption Dropout."}),
+            "vae": ("VAE", {"tooltip": "The VAE of the model you will train (e.g. from Load Checkpoint)."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder(s) of that model, as used by CLIP Text Encode."}),
+            "cache_dir": ("STRING", {"default": DEFAULT_CACHE, "tooltip": "Where encodings are kept. Relative "
+                                     "paths are inside ComfyUI's output folder."}),
+        }}
+
+    def execute(self, dataset, vae, clip, cache_dir):
+        folder = resolve_cache_dir(cache_dir)
+        settings = CacheSettings(resolution=dataset.resolution, bucket_multiple=dataset.bucket_multiple,
+                                 random_crop=dataset.random_crop, flip=dataset.flip,
+                                 caption_variants=dataset.caption_variants)
+        encoders = ComfyEncoders(vae, clip)
+        bar = comfy.utils.ProgressBar(len(dataset.samples))
+        try:
+            data = encode_dataset(dataset.samples, encoders, folder, settings, dataset.policy,
+                                  on_progress=lambda done, total: bar.update_absolute(done, total))
+        finally:
+            encoders.release()
+        stats = data.stats
+        report = (f"{len(dataset.samples)} images ({len(data)} with repeats) in {folder}: encoded "
+                  f"{stats.encoded_images} images and {stats.encoded_texts} captions, reused {stats.reused}, "
+                  f"rebuilt {stats.rebuilt_corrupt} damaged")
+        return (LoraEncoded(data, dataset, folder), report)

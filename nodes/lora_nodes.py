@@ -1,0 +1,142 @@
+"""The LORA type, its portable file form, and the Save LoRA / Apply LoRA nodes."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import comfy.sd
+import folder_paths
+import torch
+
+from ..training.formats import build_metadata, save_lora, to_state_dict
+from ..training.lora import LoraTensors
+from .families import Family
+
+CATEGORY = "LoRA Trainer"
+SAVE_FORMATS = ("auto", "kohya", "comfy", "diffusers")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainedLora:
+    """LORA: adapter weights keyed by ComfyUI module path (inside ``diffusion_model``), and what made them."""
+
+    layers: dict[str, LoraTensors]
+    family: Family
+    steps: int
+    config: dict
+    resolution: int
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    trigger: str = ""
+    cancelled: bool = False
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.layers.values())).rank
+
+    @property
+    def alpha(self) -> float:
+        return next(iter(self.layers.values())).alpha
+
+
+def file_layers(lora: TrainedLora, format: str = "auto") -> tuple[str, dict[str, LoraTensors], str | None]:
+    """(format, layers under the names the file uses, key prefix) for a ``format`` file of ``lora``."""
+    format = lora.family.file_format if format == "auto" else format
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"Unknown LoRA format {format!r}; choose one of {list(SAVE_FORMATS)}")
+    if format == "diffusers" and lora.family.file_names is not None:
+        raise ValueError(f"{lora.family.name} LoRAs load in diffusers from the 'kohya' format; "
+                         "choose 'kohya' (or 'comfy' for ComfyUI only)")
+    layers = lora.layers
+    if format == "kohya" and lora.family.file_names is not None:
+        names = lora.family.file_names(sorted(layers))
+        layers = {names[path]: tensors for path, tensors in layers.items()}
+    return format, layers, "diffusion_model" if format == "diffusers" else None
+
+
+def file_tensors(lora: TrainedLora, format: str = "auto", dtype: torch.dtype | None = None) -> dict:
+    """The state dict a LoRA file of ``format`` holds; Apply LoRA uses the very same tensors."""
+    format, layers, prefix = file_layers(lora, format)
+    return to_state_dict(layers, format=format, prefix=prefix, dtype=dtype)
+
+
+def metadata_for(lora: TrainedLora, title: str) -> dict[str, str]:
+    return build_metadata(
+        base_model_version=lora.family.base_model_version, architecture=lora.family.architecture,
+        rank=lora.rank, alpha=lora.alpha, steps=lora.steps, resolution=lora.resolution, title=title,
+        config=lora.config, tag_frequency=lora.tag_frequency, trigger=lora.trigger, v2=lora.family.v2,
+        started_at=lora.started_at,
+    )
+
+
+def loras_path(name: str) -> str:
+    """``name`` (subfolders allowed) as a .safetensors path inside ComfyUI's first loras folder; refuse
+    anything that would land outside it."""
+    cleaned = name.strip().replace("\\", "/").removesuffix(".safetensors")
+    parts = [p for p in cleaned.split("/") if p not in ("", ".")]
+    if not parts or os.path.isabs(cleaned) or ".." in parts or re.search(r"[\x00-\x1f<>:\"|?*]", cleaned):
+        raise ValueError(f"Save LoRA: name {name!r} is not allowed; use letters, digits, '-', '_' and "
+                         "'/' for subfolders inside models/loras (no '..', no absolute paths)")
+    root = os.path.abspath(folder_paths.get_folder_paths("loras")[0])
+    path = os.path.abspath(os.path.join(root, *parts) + ".safetensors")
+    if os.path.commonpath((root, path)) != root:
+        raise ValueError(f"Save LoRA: name {name!r} leaves the loras folder {root}")
+    return path
+
+
+def write_lora(lora: TrainedLora, name: str, format: str = "auto", precision: str = "fp32") -> str:
+    path = loras_path(name)
+    format, layers, prefix = file_layers(lora, format)
+    metadata = metadata_for(lora, title=os.path.basename(path).removesuffix(".safetensors"))
+    save_lora(path, layers, format=format, prefix=prefix, metadata=metadata, dtype=PRECISIONS[precision])
+    return path
+
+
+class SaveLora:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    FUNCTION = "execute"
+    OUTPUT_NODE = True
+    DESCRIPTION = "Write the LoRA into models/loras (atomically, with metadata); LoraLoader lists it at once."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lora": ("LORA", {"tooltip": "From Train LoRA."}),
+            "name": ("STRING", {"default": "lora_trainer/my_lora", "tooltip": "File name inside models/loras; "
+                                "'/' makes subfolders. An existing file of that name is replaced."}),
+            "format": (list(SAVE_FORMATS), {"default": "auto", "tooltip": "auto: the family's portable format "
+                                            "(kohya for SD/SDXL/FLUX, diffusers-style for Qwen). comfy: "
+                                            "ComfyUI-only generic keys."}),
+            "precision": (list(PRECISIONS), {"default": "fp32", "tooltip": "fp16/bf16 halve the file; fp32 "
+                                             "keeps it identical to what Apply LoRA uses."}),
+        }}
+
+    def execute(self, lora, name, format, precision):
+        path = write_lora(lora, name, format, precision)
+        return {"ui": {"text": [path]}, "result": (path,)}
+
+
+class ApplyLora:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "execute"
+    DESCRIPTION = "Use the trained LoRA right away: the same patches the stock LoraLoader makes from the saved file."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to patch (not changed: a patched copy comes out)."}),
+            "lora": ("LORA", {"tooltip": "From Train LoRA."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "LoRA strength, as in LoraLoader."}),
+        }}
+
+    def execute(self, model, lora, strength):
+        patched, _ = comfy.sd.load_lora_for_models(model, None, file_tensors(lora), strength, 0)
+        return (patched,)

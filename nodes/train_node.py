@@ -1,0 +1,136 @@
+"""Train LoRA: the engine's training loop on ComfyUI's own MODEL, with its progress bar and Cancel."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+import torch
+
+from ..training.checkpoint import list_checkpoints
+from ..training.config import TrainConfig
+from ..training.dataset import tag_frequency
+from ..training.loop import TrainingDiverged, TrainResult, train
+from ..training.objectives import FLOW_SAMPLINGS, OBJECTIVES
+from ..training.optim import LR_SCHEDULES
+from .bridge import ComfyDenoiser, LatentsIn, Progress, interrupt_now, load_for_training
+from .dataset_nodes import CATEGORY
+from .families import PRESETS, family_of, flow_shift_of, objective_for_model
+from .lora_nodes import TrainedLora, loras_path, write_lora
+from .loss_plot import loss_curve_image
+
+log = logging.getLogger(__name__)
+PRECISION_OF_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _tip(text: str, **options) -> dict:
+    return {"tooltip": text, **options}
+
+
+class TrainLora:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LORA", "IMAGE", "STRING")
+    RETURN_NAMES = ("lora", "loss_curve", "report")
+    FUNCTION = "execute"
+    DESCRIPTION = ("Train a LoRA on the MODEL (which is left unchanged) with the cached dataset. Cancel stops "
+                   "within a step and saves what was learned as '<name>_partial' in models/loras.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", _tip("The model to train on, e.g. from Load Checkpoint.")),
+                "encoded": ("LORA_ENCODED", _tip("From Encode Latents Cache (same model family's VAE/CLIP).")),
+                "steps": ("INT", _tip("Optimizer steps.", default=500, min=1, max=1_000_000)),
+                "learning_rate": ("FLOAT", _tip("AdamW learning rate (1e-4 is a common start).", default=1e-4,
+                                                min=1e-7, max=1.0, step=1e-5, round=False)),
+                "rank": ("INT", _tip("LoRA rank: capacity and file size.", default=16, min=1, max=256)),
+                "alpha": ("FLOAT", _tip("LoRA alpha; 0 means alpha = rank (scale 1).", default=0.0, min=0.0,
+                                        max=1024.0, step=0.5)),
+                "targets": (list(PRESETS), _tip("Layers that get adapters: attention projections, also the "
+                                                 "MLPs, or every linear layer.", default="attention")),
+                "objective": (["auto", *OBJECTIVES], _tip("auto reads the model: eps/v-prediction models get "
+                                                          "DDPM targets, flow models rectified flow.",
+                                                          default="auto")),
+                "batch_size": ("INT", _tip("Images per step (all of one bucket shape).", default=1, min=1,
+                                           max=64)),
+                "seed": ("INT", _tip("Seeds LoRA init, batch order, noise and timesteps.", default=0, min=0,
+                                     max=2**31 - 1)),
+                "name": ("STRING", _tip("Run name: checkpoints go to output/lora_trainer/<name>/, a cancelled "
+                                        "run saves models/loras/<name>_partial.safetensors.",
+                                        default="lora_trainer/my_lora")),
+            },
+            "optional": {
+                "lr_schedule": (list(LR_SCHEDULES), _tip("Learning-rate schedule.", default="constant")),
+                "warmup_steps": ("INT", _tip("Linear warm-up steps.", default=0, min=0, max=100_000)),
+                "grad_accum": ("INT", _tip("Batches per optimizer step.", default=1, min=1, max=256)),
+                "timestep_sampling": (list(FLOW_SAMPLINGS), _tip("Flow models: how σ is drawn.",
+                                                                 default="logit_normal")),
+                "min_snr_gamma": ("FLOAT", _tip("DDPM models: min-SNR-γ loss weighting; 0 turns it off.",
+                                                default=5.0, min=0.0, max=100.0, step=0.5)),
+                "noise_offset": ("FLOAT", _tip("DDPM models: noise offset (0.05 helps dark/bright images).",
+                                               default=0.0, min=0.0, max=1.0, step=0.01)),
+                "precision": (["auto", "fp32", "bf16", "fp16"], _tip("Forward-pass precision; auto = the "
+                                                                     "model's. Adapters are always fp32.",
+                                                                     default="auto")),
+                "checkpoint_every": ("INT", _tip("Save a resumable checkpoint every N steps (0: never).",
+                                                 default=0, min=0, max=1_000_000)),
+                "resume": ("BOOLEAN", _tip("Continue from this run name's newest checkpoint.", default=False)),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def execute(self, model, encoded, steps, learning_rate, rank, alpha, targets, objective, batch_size, seed,
+                name, lr_schedule="constant", warmup_steps=0, grad_accum=1, timestep_sampling="logit_normal",
+                min_snr_gamma=5.0, noise_offset=0.0, precision="auto", checkpoint_every=0, resume=False,
+                unique_id=None):
+        loras_path(name)  # a bad name fails now, not after the training
+        family = family_of(model)
+        denoiser = ComfyDenoiser(model)
+        checkpoint_dir = os.path.join(folder_paths.get_output_directory(), "lora_trainer", name, "checkpoints")
+        objective = objective_for_model(model, objective)
+        config = TrainConfig(
+            steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha or None,
+            targets=family.targets(targets), objective=objective, batch_size=batch_size, seed=seed,
+            lr_schedule=lr_schedule, warmup_steps=warmup_steps, grad_accum=grad_accum,
+            timestep_sampling=timestep_sampling, shift=flow_shift_of(model) if objective == "flow" else 1.0,
+            min_snr_gamma=min_snr_gamma if objective != "flow" else 0.0,
+            noise_offset=noise_offset if objective != "flow" else 0.0,
+            precision=PRECISION_OF_DTYPE.get(denoiser.dtype, "fp32") if precision == "auto" else precision,
+            log_every=max(1, min(10, steps // 20)),
+            checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir if checkpoint_every else None,
+        )
+        resume_from = None
+        if resume:
+            if not list_checkpoints(checkpoint_dir):
+                raise FileNotFoundError(f"Train LoRA: resume is on but {checkpoint_dir} has no checkpoint; "
+                                        "turn resume off or set checkpoint_every on the first run")
+            resume_from = checkpoint_dir
+        progress = Progress(steps, unique_id)
+        load_for_training(model)
+        data = LatentsIn(encoded.data, model)
+
+        def as_lora(result: TrainResult) -> TrainedLora:
+            return TrainedLora(result.lora, family, result.steps_done, config.to_dict(), encoded.dataset.resolution,
+                               tag_frequency(encoded.dataset.samples), encoded.dataset.policy.trigger,
+                               result.cancelled)
+
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                result = train(config, denoiser, data, on_step=progress.on_step, should_stop=progress.should_stop,
+                               resume_from=resume_from)
+            except TrainingDiverged as error:
+                path = write_lora(as_lora(error.result), f"{name}_partial")
+                raise RuntimeError(f"Train LoRA: {error} Saved that adapter to {path}.") from error
+        lora = as_lora(result)
+        if result.cancelled:
+            path = write_lora(lora, f"{name}_partial")
+            message = f"Cancelled at step {result.steps_done}/{steps}; saved the LoRA trained so far to {path}"
+            log.warning(message)
+            progress.text(message)
+            interrupt_now()
+        last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
+        report = (f"{family.name} LoRA, {objective}, rank {rank}, {len(lora.layers)} layers, "
+                  f"{result.steps_done} steps, final loss {last}")
+        return (lora, loss_curve_image(result.losses, title=f"{name}: loss ({objective})"), report)
