@@ -168,7 +168,8 @@ def _prompt_server():
 
 
 def interrupt_now() -> None:
-    """End the prompt the way ComfyUI's Cancel does, after our own clean-up."""
-    mm.throw_exception_if_processing_interrupted()
+    """End the prompt the way ComfyUI's Cancel does, after our own clean-up. (The flag itself may already be
+    consumed: ComfyUI's progress hook resets it when it raises.)"""
+    raise mm.InterruptProcessingException()
 
 

@@ -56,3 +56,34 @@ def test_model_is_unchanged_after_training(comfy, sd15, demo_folder):
     after = model.model.diffusion_model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert [type(m) for m in model.model.diffusion_model.modules()] == modules
+
+
+def _sample(comfy, model, clip, seed=3):
+    (positive,) = run_node(comfy, "CLIPTextEncode", clip=clip, text="zkx pattern")
+    (negative,) = run_node(comfy, "CLIPTextEncode", clip=clip, text="")
+    (latent,) = run_node(comfy, "EmptyLatentImage", width=64, height=64, batch_size=1)
+    (out,) = run_node(comfy, "KSampler", model=model, seed=seed, steps=2, cfg=4.0, sampler_name="euler",
+                      scheduler="normal", positive=positive, negative=negative, latent_image=latent, denoise=1.0)
+    return out["samples"]
+
+
+def test_no_side_effects_and_apply_lora_equals_the_stock_lora_loader(comfy, sd15, demo_folder):
+    model, clip, _ = sd15
+    base_before = _sample(comfy, model, clip)
+    encoded, _ = _encoded(comfy, sd15, demo_folder)
+    lora, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, **{**TRAIN, "steps": 8,
+                                                                                    "learning_rate": 1e-2})
+    # the MODEL given to Train LoRA still samples the base model's images, bit for bit
+    assert torch.equal(_sample(comfy, model, clip), base_before)
+    (applied,) = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0)
+    with_apply = _sample(comfy, applied, clip)
+    assert not torch.equal(with_apply, base_before)  # the LoRA does something
+    (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name="tests/apply_check", format="auto",
+                       precision="fp32")
+    import folder_paths
+
+    assert "tests/apply_check.safetensors" in folder_paths.get_filename_list("loras")  # listed at once
+    loaded, _ = run_node(comfy, "LoraLoader", model=model, clip=clip, lora_name="tests/apply_check.safetensors",
+                         strength_model=1.0, strength_clip=0.0)
+    assert torch.equal(_sample(comfy, loaded, clip), with_apply)
+    assert torch.equal(_sample(comfy, model, clip), base_before)  # and still the base afterwards

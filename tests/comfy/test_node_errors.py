@@ -1,0 +1,85 @@
+"""Bad input through the nodes: errors name the problem, and nothing lands outside ComfyUI's folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from PIL import Image
+
+from tests.comfy.conftest import run_node
+
+DATASET = dict(resolution=128, bucket_multiple=64, strict=True, edit_pairs=False, random_crop=False, flip=False)
+
+
+def test_missing_folder(comfy):
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        run_node(comfy, "LoraTrainerLoadDataset", folder="no_such_folder", **DATASET)
+
+
+def test_folder_without_images(comfy):
+    empty = comfy.base / "input" / "empty_set"
+    empty.mkdir(exist_ok=True)
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="No images found in .*empty_set"):
+        run_node(comfy, "LoraTrainerLoadDataset", folder=str(empty), **DATASET)
+
+
+def test_images_without_captions_in_strict_mode_name_the_file(comfy):
+    folder = comfy.base / "input" / "uncaptioned"
+    folder.mkdir(exist_ok=True)
+    Image.new("RGB", (128, 128), "red").save(folder / "lonely.png")
+    Image.new("RGB", (128, 128), "blue").save(folder / "fine.png")
+    (folder / "fine.txt").write_text("a blue square")
+    with pytest.raises(ValueError, match=r"lonely\.png.*caption"):
+        run_node(comfy, "LoraTrainerLoadDataset", folder=str(folder), **DATASET)
+    dataset, report = run_node(comfy, "LoraTrainerLoadDataset", folder=str(folder), **{**DATASET, "strict": False})
+    assert [s.image.name for s in dataset.samples] == ["fine.png"] and "lonely.png" in report
+
+
+def test_unwritable_cache_dir(comfy, sd15, demo_folder):
+    _, clip, vae = sd15
+    dataset, _ = run_node(comfy, "LoraTrainerLoadDataset", folder=str(demo_folder), **DATASET)
+    blocker = comfy.base / "output" / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match="a_file/cache.*not writable"):
+        run_node(comfy, "LoraTrainerEncodeLatentsCache", dataset=dataset, vae=vae, clip=clip,
+                 cache_dir=str(blocker / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(comfy, sd15, demo_folder):
+    model, clip, vae = sd15
+    dataset, _ = run_node(comfy, "LoraTrainerLoadDataset", folder=str(demo_folder), **DATASET)
+    encoded, _ = run_node(comfy, "LoraTrainerEncodeLatentsCache", dataset=dataset, vae=vae, clip=clip,
+                          cache_dir="cache")
+    lora, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=1, learning_rate=1e-3,
+                          rank=2, alpha=0.0, targets="attention", objective="auto", batch_size=1, seed=0,
+                          name="tests/one_step")
+    return lora
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/../../escape", "/tmp/escape_abs", "..", "  ", "bad|name"])
+def test_save_names_cannot_leave_the_loras_folder(comfy, tiny_lora, name):
+    before = _files_outside(comfy)
+    with pytest.raises(ValueError, match="Save LoRA: name"):
+        run_node(comfy, "LoraTrainerSave", lora=tiny_lora, name=name, format="auto", precision="fp32")
+    assert _files_outside(comfy) == before
+    assert not os.path.exists("/tmp/escape_abs.safetensors")
+
+
+def test_subfolders_are_fine(comfy, tiny_lora):
+    (path,) = run_node(comfy, "LoraTrainerSave", lora=tiny_lora, name="team/run 1/v2", format="comfy",
+                       precision="fp16")
+    assert path == str(comfy.base / "loras" / "team" / "run 1" / "v2.safetensors") and os.path.isfile(path)
+
+
+def test_train_with_a_bad_name_fails_before_training(comfy, sd15, tiny_lora):
+    model, _, _ = sd15
+    with pytest.raises(ValueError, match="Save LoRA: name"):
+        run_node(comfy, "LoraTrainerTrain", model=model, encoded=None, steps=1, learning_rate=1e-3, rank=2,
+                 alpha=0.0, targets="attention", objective="auto", batch_size=1, seed=0, name="../x")
+
+
+def _files_outside(comfy):
+    return sorted(p for p in comfy.base.parent.rglob("*escape*"))
