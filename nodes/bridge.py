@@ -125,8 +125,8 @@ def leave_inference_mode(module: torch.nn.Module) -> None:
 
 class Progress:
     """Engine callbacks -> ComfyUI's progress bar (websocket ``progress``), a status line on the node, and
-    Cancel. The interrupt is read every step; ComfyUI's progress hook would raise it from inside the
-    step, losing the adapter, so an interrupt seen there only makes ``should_stop`` true."""
+    Cancel: the interrupt flag is read before every step (ComfyUI's layers may also raise it mid-step;
+    the loop treats that as the same stop)."""
 
     def __init__(self, total: int, node_id: str | None):
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
@@ -140,11 +140,7 @@ class Progress:
     def on_step(self, info: StepInfo) -> None:
         if self.should_stop():
             return
-        try:
-            self.bar.update_absolute(info.step, info.total)
-        except mm.InterruptProcessingException:
-            self.interrupted = True
-            return
+        self.bar.update_absolute(info.step, info.total)  # its hook may raise the interrupt: the loop stops
         self.text(status_line(info))
 
     def text(self, message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+import comfy.model_management as mm
 import folder_paths
 import torch
 
@@ -119,7 +120,7 @@ class TrainLora:
         with torch.inference_mode(False), torch.enable_grad():
             try:
                 result = train(config, denoiser, data, on_step=progress.on_step, should_stop=progress.should_stop,
-                               resume_from=resume_from)
+                               resume_from=resume_from, interrupts=(mm.InterruptProcessingException,))
             except TrainingDiverged as error:
                 path = write_lora(as_lora(error.result), f"{name}_partial")
                 raise RuntimeError(f"Train LoRA: {error} Saved that adapter to {path}.") from error

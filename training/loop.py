@@ -122,7 +122,14 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     resume_from: str | None = None,
     initial_lora: dict[str, LoraTensors] | None = None,
+    interrupts: tuple[type[BaseException], ...] = (),
 ) -> TrainResult:
+    """Train a LoRA on ``denoiser`` and return it; the model is left as it came.
+
+    ``should_stop`` is polled before every step; ``interrupts`` are exception types that the host may
+    raise from inside a step (ComfyUI's Cancel does, from its layers): both end the run early with
+    ``cancelled`` set and the adapter of the last completed step.
+    """
     check_objective(config, denoiser)
     objective = objective_for(config)
     module = denoiser.module
@@ -136,7 +143,7 @@ def train(
         stream = BatchStream(data, config.batch_size, config.seed, device, dtype=None)
         try:
             return _run(config, denoiser, objective, attachment, stream, device, on_step, should_stop,
-                        resume_from)
+                        resume_from, interrupts)
         finally:
             stream.close()
             attachment.remove()
@@ -147,12 +154,11 @@ def train(
 def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
          attachment: LoraAttachment, stream: BatchStream, device: torch.device,
          on_step: Callable[[StepInfo], None] | None, should_stop: Callable[[], bool] | None,
-         resume_from: str | None) -> TrainResult:
+         resume_from: str | None, interrupts: tuple[type[BaseException], ...]) -> TrainResult:
     params = attachment.parameters()
     optimizer = make_optimizer(config.optimizer, params, config.learning_rate, config.weight_decay)
     schedule = make_schedule(config.lr_schedule, optimizer, warmup_steps=config.warmup_steps,
                              total_steps=config.steps, cycles=config.lr_cycles)
-    autocast_dtype = AUTOCAST[config.precision]
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     step, position, smoothed = 0, 0, None
     if resume_from:
@@ -178,18 +184,13 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
         if should_stop is not None and should_stop():
             result.cancelled = True
             break
-        for _ in range(config.grad_accum):
-            batch = stream.get(position)
-            generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + position)
-            x0 = batch.latents.float()
-            noise = objective.sample_noise(x0, generator)
-            noised = objective.make(x0, noise, objective.sample_timesteps(x0, generator))
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                pred = denoiser(noised.noisy, noised.timestep, batch.cond)
-            loss = weighted_mse(pred, noised) / config.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.detach()
-            position += 1
+        try:
+            loss_sum += _accumulate_gradients(config, denoiser, objective, stream, position, scaler)
+        except interrupts:
+            optimizer.zero_grad(set_to_none=True)  # the half-done step is dropped
+            result.cancelled = True
+            break
+        position += config.grad_accum
         if scaler:
             scaler.unscale_(optimizer)
         if config.max_grad_norm:
@@ -229,12 +230,36 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
         if on_step is not None:
             last = result.losses[-1][1] if result.losses else None
             eta = (config.steps - step) / it_per_s if it_per_s else math.inf
-            on_step(StepInfo(step, config.steps, last, smoothed, schedule.get_last_lr()[0], it_per_s, eta))
+            try:
+                on_step(StepInfo(step, config.steps, last, smoothed, schedule.get_last_lr()[0], it_per_s, eta))
+            except interrupts:
+                result.cancelled = True
+                break
     result.lora = attachment.tensors()
     done = max(step - first_step, 1)
     log.info("trained %d steps in %.1fs; waited %.1f%% of the time for data", done,
              time.perf_counter() - started, 100 * stream.wait_s / max(time.perf_counter() - started, 1e-9))
     return result
+
+
+def _accumulate_gradients(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
+                          stream: BatchStream, position: int, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    """Forward + backward of ``grad_accum`` micro-batches from ``position`` on; returns their summed loss."""
+    total = 0.0
+    device = stream.device
+    autocast_dtype = AUTOCAST[config.precision]
+    for micro in range(position, position + config.grad_accum):
+        batch = stream.get(micro)
+        generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + micro)
+        x0 = batch.latents.float()
+        noise = objective.sample_noise(x0, generator)
+        noised = objective.make(x0, noise, objective.sample_timesteps(x0, generator))
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            pred = denoiser(noised.noisy, noised.timestep, batch.cond)
+        loss = weighted_mse(pred, noised) / config.grad_accum
+        (scaler.scale(loss) if scaler else loss).backward()
+        total = total + loss.detach()
+    return total
 
 
 def _restore(params: Sequence[torch.nn.Parameter], saved: Sequence[torch.Tensor]) -> None:

@@ -135,3 +135,26 @@ def test_config_errors_name_the_option():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="Unknown training settings \\['stepz'\\]"):
         TrainConfig.from_dict({"stepz": 3})
+
+
+class HostInterrupt(Exception):
+    """Stands for an exception a host raises from inside the model (ComfyUI's Cancel)."""
+
+
+def test_an_interrupt_raised_mid_step_keeps_the_last_completed_step():
+    calls = []
+
+    class Interrupting(ToyDenoiser):
+        def __call__(self, noisy, timestep, cond):
+            calls.append(1)
+            if len(calls) == 8:  # the 8th forward: step 8 never completes
+                raise HostInterrupt()
+            return super().__call__(noisy, timestep, cond)
+
+    seven = train(TrainConfig(steps=7, **BASE), ToyDenoiser(), toy_data())
+    result = train(TrainConfig(steps=30, **BASE), Interrupting(), toy_data(), interrupts=(HostInterrupt,))
+    assert result.cancelled and result.steps_done == 7
+    assert _max_diff(result.lora, seven.lora) == 0
+    with pytest.raises(HostInterrupt):  # not declared: not swallowed
+        calls.clear()
+        train(TrainConfig(steps=30, **BASE), Interrupting(), toy_data())
