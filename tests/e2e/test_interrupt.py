@@ -4,6 +4,7 @@ trained so far is saved and loads in the stock LoraLoader."""
 from __future__ import annotations
 
 import json
+import struct
 import time
 
 import requests
@@ -14,6 +15,7 @@ from tests.conftest import TINY_CKPT_NAME
 
 STEPS = 200
 NAME = "e2e/interrupted"
+TEXT_EVENT = 3  # ComfyUI protocol.BinaryEventTypes.TEXT
 
 
 def _training_graph() -> dict:
@@ -52,11 +54,14 @@ def test_interrupt_during_training_saves_a_loadable_partial_lora(comfy_server, c
                              timeout=30).json()
         assert not body.get("node_errors"), body
         prompt_id = body["prompt_id"]
-        progress, interrupted_at = [], None
+        progress, status_lines, interrupted_at = [], [], None
         while True:
             message = ws.recv()
-            if not isinstance(message, str):
-                continue  # binary frames: previews and node status text
+            if not isinstance(message, str):  # binary: [event u32][node id length u32][node id][text]
+                if struct.unpack(">I", message[:4])[0] == TEXT_EVENT:
+                    length = struct.unpack(">I", message[4:8])[0]
+                    status_lines.append((message[8:8 + length].decode(), message[8 + length:].decode()))
+                continue
             event = json.loads(message)
             data = event.get("data", {})
             if data.get("prompt_id") not in (None, prompt_id):
@@ -71,6 +76,9 @@ def test_interrupt_during_training_saves_a_loadable_partial_lora(comfy_server, c
     finally:
         ws.close()
     assert event["type"] == "execution_interrupted", event
+    # the node shows the step, loss and speed while it runs
+    assert any(node == "4" and "step 2/200" in text and "it/s" in text and "loss" in text
+               for node, text in status_lines), status_lines
     assert progress == sorted(progress) and max(progress) <= interrupted_at + 1 < STEPS
     entry = _history(comfy_server.url, prompt_id)
     assert entry["status"]["status_str"] == "error"
