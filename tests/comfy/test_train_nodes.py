@@ -87,3 +87,34 @@ def test_no_side_effects_and_apply_lora_equals_the_stock_lora_loader(comfy, sd15
                          strength_model=1.0, strength_clip=0.0)
     assert torch.equal(_sample(comfy, loaded, clip), with_apply)
     assert torch.equal(_sample(comfy, model, clip), base_before)  # and still the base afterwards
+
+
+def test_a_warm_cache_never_calls_the_vae_or_text_encoder(comfy, sd15, demo_folder):
+    _, clip, vae = sd15
+    calls = {"vae": 0, "clip": 0}
+    # ComfyUI calls encode methods rather than forward(): count the VAE's encode and the text model's token
+    # embedding lookups (one per caption encoded)
+    vae.first_stage_model.encode = _counting(vae.first_stage_model.encode, calls, "vae")
+    embedding = next(m for m in clip.cond_stage_model.modules() if isinstance(m, torch.nn.Embedding))
+    hooks = [embedding.register_forward_pre_hook(lambda *a: calls.__setitem__("clip", calls["clip"] + 1))]
+    try:
+        dataset, _ = run_node(comfy, "LoraTrainerLoadDataset", folder=str(demo_folder), resolution=128,
+                              bucket_multiple=64, strict=True, edit_pairs=False, random_crop=False, flip=True)
+        run_node(comfy, "LoraTrainerEncodeLatentsCache", dataset=dataset, vae=vae, clip=clip, cache_dir="warm")
+        assert calls["vae"] >= 8 and calls["clip"] >= 5  # 4 images × 2 flips; 4 captions + the empty one
+        calls.update(vae=0, clip=0)
+        _, report = run_node(comfy, "LoraTrainerEncodeLatentsCache", dataset=dataset, vae=vae, clip=clip,
+                             cache_dir="warm")
+        assert calls == {"vae": 0, "clip": 0} and "encoded 0 images and 0 captions" in report
+    finally:
+        for hook in hooks:
+            hook.remove()
+        del vae.first_stage_model.encode
+
+
+def _counting(function, calls, key):
+    def counted(*args, **kwargs):
+        calls[key] += 1
+        return function(*args, **kwargs)
+
+    return counted
