@@ -49,6 +49,7 @@ class TrainResult:
     cancelled: bool
     objective: str
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss of the interval)
+    data_wait_s: float = 0.0  # time the loop waited for batches
 
 
 class TrainingDiverged(RuntimeError):
@@ -236,9 +237,10 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
                 result.cancelled = True
                 break
     result.lora = attachment.tensors()
-    done = max(step - first_step, 1)
-    log.info("trained %d steps in %.1fs; waited %.1f%% of the time for data", done,
-             time.perf_counter() - started, 100 * stream.wait_s / max(time.perf_counter() - started, 1e-9))
+    result.data_wait_s = stream.wait_s
+    elapsed = time.perf_counter() - started
+    log.info("trained %d steps in %.1fs; waited %.1f%% of the time for data", step - first_step, elapsed,
+             100 * stream.wait_s / max(elapsed, 1e-9))
     return result
 
 
