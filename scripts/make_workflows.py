@@ -1,0 +1,141 @@
+"""Write the shipped workflows, each in both formats, from one graph description per workflow.
+
+    python scripts/make_workflows.py          # regenerates workflows/*.json
+
+Widget order and output types come from the node classes themselves (ComfyUI loaded in-process, this pack
+registered), so the UI files stay in step with the nodes' INPUT_TYPES. The frontend gives INT inputs named
+seed/noise_seed an extra "control after generate" widget value, written here as "fixed".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.comfy_host import comfy_root  # noqa: E402
+from scripts.comfy_inproc import load_comfy  # noqa: E402
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+SEED_NAMES = ("seed", "noise_seed")
+
+
+def train_then_generate(*, ckpt: str, folder: str, resolution: int, steps: int, rank: int, lr: float, trigger: str,
+                        prompt: str, size: int, sample_steps: int, cfg: float, name: str, prefix: str) -> list[tuple]:
+    """(id, type, widget values by name, links {input: (source id, slot)}, column, row)."""
+    train = dict(steps=steps, learning_rate=lr, rank=rank, alpha=0.0, targets="attention", objective="auto",
+                 batch_size=1, seed=0, name=name, lr_schedule="constant", warmup_steps=0, grad_accum=1,
+                 timestep_sampling="logit_normal", min_snr_gamma=5.0, noise_offset=0.0, precision="auto",
+                 checkpoint_every=0, resume=False)
+    sampler = dict(seed=42, steps=sample_steps, cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0)
+    return [
+        (1, "CheckpointLoaderSimple", {"ckpt_name": ckpt}, {}, 0, 0),
+        (2, "LoraTrainerLoadDataset", dict(folder=folder, resolution=resolution, bucket_multiple=64, strict=True,
+                                           edit_pairs=False, random_crop=False, flip=False), {}, 0, 1),
+        (3, "LoraTrainerCaptionDropout", dict(dropout=0.1, trigger_word=trigger, shuffle_tags=False, keep_tokens=1,
+                                              shuffle_variants=4), {"dataset": (2, 0)}, 1, 1),
+        (4, "LoraTrainerEncodeLatentsCache", {"cache_dir": "lora_trainer_cache"},
+         {"dataset": (3, 0), "vae": (1, 2), "clip": (1, 1)}, 2, 1),
+        (5, "LoraTrainerTrain", train, {"model": (1, 0), "encoded": (4, 0)}, 3, 0),
+        (6, "LoraTrainerSave", dict(name=name, format="auto", precision="fp32"), {"lora": (5, 0)}, 4, 0),
+        (7, "SaveImage", {"filename_prefix": f"{prefix}/loss_curve"}, {"images": (5, 1)}, 4, 1),
+        (8, "LoraTrainerApply", {"strength": 1.0}, {"model": (1, 0), "lora": (5, 0)}, 4, 2),
+        (9, "CLIPTextEncode", {"text": prompt}, {"clip": (1, 1)}, 1, 3),
+        (10, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, 1, 4),
+        (11, "EmptyLatentImage", dict(width=size, height=size, batch_size=1), {}, 1, 5),
+        (12, "KSampler", sampler, {"model": (8, 0), "positive": (9, 0), "negative": (10, 0),
+                                   "latent_image": (11, 0)}, 5, 2),
+        (13, "VAEDecode", {}, {"samples": (12, 0), "vae": (1, 2)}, 6, 2),
+        (14, "SaveImage", {"filename_prefix": f"{prefix}/with_lora"}, {"images": (13, 0)}, 7, 2),
+        (15, "KSampler", sampler, {"model": (1, 0), "positive": (9, 0), "negative": (10, 0),
+                                   "latent_image": (11, 0)}, 5, 4),
+        (16, "VAEDecode", {}, {"samples": (15, 0), "vae": (1, 2)}, 6, 4),
+        (17, "SaveImage", {"filename_prefix": f"{prefix}/without_lora"}, {"images": (16, 0)}, 7, 4),
+    ]
+
+
+WORKFLOWS = {
+    "demo_tiny_sd15": train_then_generate(
+        ckpt="tiny_sd15.safetensors", folder="lora_trainer_demo/rings", resolution=256, steps=30, rank=8, lr=1e-3,
+        trigger="zkx", prompt="zkx pattern", size=256, sample_steps=4, cfg=4.0, name="lora_trainer/demo_zkx",
+        prefix="lora_trainer_demo"),
+    "sd15_train_then_generate": train_then_generate(
+        ckpt="v1-5-pruned-emaonly.safetensors", folder="my_dataset", resolution=512, steps=1000, rank=16, lr=1e-4,
+        trigger="", prompt="a photo in the style of my dataset", size=512, sample_steps=20, cfg=7.0,
+        name="lora_trainer/my_sd15_lora", prefix="lora_trainer"),
+}
+
+
+def input_specs(cls) -> list[tuple[str, object]]:
+    types = cls.INPUT_TYPES()
+    return [(name, spec[0]) for section in ("required", "optional") for name, spec in types.get(section, {}).items()]
+
+
+def is_widget(kind: object) -> bool:
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def api_format(graph: list[tuple]) -> dict:
+    out = {}
+    for node_id, kind, widgets, links, _, _ in graph:
+        inputs = dict(widgets)
+        inputs.update({name: [str(src), slot] for name, (src, slot) in links.items()})
+        out[str(node_id)] = {"class_type": kind, "inputs": inputs}
+    return out
+
+
+def ui_format(graph: list[tuple], classes: dict) -> dict:
+    links, link_rows = {}, []
+    for node_id, _, _, node_links, _, _ in graph:
+        for name, (src, slot) in node_links.items():
+            link_id = len(link_rows) + 1
+            src_type = classes[next(k for i, k, *_ in graph if i == src)].RETURN_TYPES[slot]
+            link_rows.append([link_id, src, slot, node_id, name, src_type])
+            links[(node_id, name)] = link_id
+    nodes = []
+    for order, (node_id, kind, widgets, node_links, column, row) in enumerate(graph):
+        cls = classes[kind]
+        specs = input_specs(cls)
+        inputs, values = [], []
+        for name, spec in specs:
+            if is_widget(spec):
+                if name not in widgets:
+                    raise ValueError(f"{kind} (node {node_id}) needs a value for its widget {name!r}")
+                values.append(widgets[name])
+                if name in SEED_NAMES:
+                    values.append("fixed")
+            else:
+                inputs.append({"name": name, "type": spec, "link": links.get((node_id, name))})
+        outputs = [{"name": (getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)[slot], "type": out_type,
+                    "links": [r[0] for r in link_rows if r[1] == node_id and r[2] == slot], "slot_index": slot}
+                   for slot, out_type in enumerate(cls.RETURN_TYPES)]
+        nodes.append({"id": node_id, "type": kind, "pos": [40 + 380 * column, 40 + 300 * row], "size": [340, 240],
+                      "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+                      "properties": {"Node name for S&R": kind}, "widgets_values": values})
+    rows = [[r[0], r[1], r[2], r[3], _slot_of(graph, classes, r[3], r[4]), r[5]] for r in link_rows]
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(rows), "nodes": nodes, "links": rows,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def _slot_of(graph, classes, node_id, name) -> int:
+    kind = next(k for i, k, *_ in graph if i == node_id)
+    links = [n for n, spec in input_specs(classes[kind]) if not is_widget(spec)]
+    return links.index(name)
+
+
+def main() -> None:
+    nodes = load_comfy(comfy_root(), Path(tempfile.mkdtemp(prefix="workflows_")))
+    folder = REPO_ROOT / "workflows"
+    folder.mkdir(exist_ok=True)
+    for name, graph in WORKFLOWS.items():
+        (folder / f"{name}.json").write_text(json.dumps(ui_format(graph, nodes.NODE_CLASS_MAPPINGS), indent=1) + "\n")
+        (folder / f"{name}_api.json").write_text(json.dumps(api_format(graph), indent=1) + "\n")
+        print(f"wrote workflows/{name}.json and workflows/{name}_api.json")
+
+
+if __name__ == "__main__":
+    main()
