@@ -45,8 +45,9 @@ def prepare(base: Path) -> Path:
     return root
 
 
-def run_prompt(url: str, graph: dict, titles: dict[str, str], say=print) -> dict:
-    """Queue ``graph``, stream its progress, return its /history entry (raise if it failed)."""
+def run_prompt(url: str, graph: dict, titles: dict[str, str], say=print, on_event=None) -> dict:
+    """Queue ``graph``, stream its progress, return its /history entry (raise if it failed).
+    ``on_event`` gets every JSON websocket event of this prompt."""
     client_id = uuid.uuid4().hex
     ws = websocket.create_connection(f"ws://{url.split('://', 1)[1]}/ws?clientId={client_id}", timeout=3600)
     try:
@@ -66,6 +67,8 @@ def run_prompt(url: str, graph: dict, titles: dict[str, str], say=print) -> dict
             data = event.get("data", {})
             if data.get("prompt_id") not in (None, prompt_id):
                 continue
+            if on_event is not None:
+                on_event(event)
             if event["type"] == "executing" and data.get("node"):
                 say(f"- {titles.get(data['node'], data['node'])}")
             elif event["type"] in ("execution_success", "execution_error", "execution_interrupted"):
