@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 import comfy.model_management as mm
 import comfy.utils
 import torch
+import torch.utils.checkpoint
 
 from ..training.batching import Batch, TrainData
 from ..training.loop import StepInfo
@@ -26,6 +28,7 @@ class ComfyDenoiser:
         self.base = model.model
         self.module = self.base.diffusion_model
         self.prediction = prediction_of(model)
+        self._checkpointed: list[torch.nn.Module] = []
 
     @property
     def dtype(self) -> torch.dtype:
@@ -37,6 +40,23 @@ class ComfyDenoiser:
         out = self.module(noisy.to(self.dtype), t.float(), context=cond["context"].to(self.dtype),
                           control=None, transformer_options={})
         return out.float()
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations during the backward pass instead of keeping them. The blocks are
+        the members of the diffusion model's top-level ModuleLists (UNet input/output blocks, DiT blocks), in
+        every family; the wrapper is an instance attribute, removed again when turned off."""
+        if enabled and not self._checkpointed:
+            lists = [child for child in self.module.children() if isinstance(child, torch.nn.ModuleList)]
+            # UNet blocks are Sequentials whose layers ComfyUI calls one by one: checkpoint those layers
+            self._checkpointed = [layer for blocks in lists for block in blocks
+                                  for layer in (block if isinstance(block, torch.nn.Sequential) else [block])]
+            for block in self._checkpointed:
+                block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward,
+                                                  use_reentrant=False)
+        elif not enabled:
+            for block in self._checkpointed:
+                del block.forward
+            self._checkpointed = []
 
 
 class LatentsIn:

@@ -75,6 +75,9 @@ class TrainLora:
                 "precision": (["auto", "fp32", "bf16", "fp16"], _tip("Forward-pass precision; auto = the "
                                                                      "model's. Adapters are always fp32.",
                                                                      default="auto")),
+                "gradient_checkpointing": (["auto", "off", "on"], _tip(
+                    "Trade compute for memory by recomputing activations in the backward pass. auto: off, and "
+                    "turned on if a step runs out of GPU memory.", default="auto")),
                 "checkpoint_every": ("INT", _tip("Save a resumable checkpoint every N steps (0: never).",
                                                  default=0, min=0, max=1_000_000)),
                 "resume": ("BOOLEAN", _tip("Continue from this run name's newest checkpoint.", default=False)),
@@ -84,8 +87,8 @@ class TrainLora:
 
     def execute(self, model, encoded, steps, learning_rate, rank, alpha, targets, objective, batch_size, seed,
                 name, lr_schedule="constant", warmup_steps=0, grad_accum=1, timestep_sampling="logit_normal",
-                min_snr_gamma=5.0, noise_offset=0.0, precision="auto", checkpoint_every=0, resume=False,
-                unique_id=None):
+                min_snr_gamma=5.0, noise_offset=0.0, precision="auto", gradient_checkpointing="auto",
+                checkpoint_every=0, resume=False, unique_id=None):
         loras_path(name)  # a bad name fails now, not after the training
         family = family_of(model)
         denoiser = ComfyDenoiser(model)
@@ -99,7 +102,7 @@ class TrainLora:
             min_snr_gamma=min_snr_gamma if objective != "flow" else 0.0,
             noise_offset=noise_offset if objective != "flow" else 0.0,
             precision=PRECISION_OF_DTYPE.get(denoiser.dtype, "fp32") if precision == "auto" else precision,
-            log_every=max(1, min(10, steps // 20)),
+            log_every=max(1, min(10, steps // 20)), gradient_checkpointing=gradient_checkpointing,
             checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir if checkpoint_every else None,
         )
         resume_from = None
@@ -133,5 +136,6 @@ class TrainLora:
             interrupt_now()
         last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
         report = (f"{family.name} LoRA, {objective}, rank {rank}, {len(lora.layers)} layers, "
-                  f"{result.steps_done} steps, final loss {last}")
+                  f"{result.steps_done} steps, final loss {last}"
+                  + (", gradient checkpointing on" if result.gradient_checkpointing else ""))
         return (lora, loss_curve_image(result.losses, title=f"{name}: loss ({objective})"), report)

@@ -13,7 +13,9 @@ from .optim import LR_SCHEDULES, OPTIMIZERS
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings that may change between a checkpoint and its resumption without breaking exactness of the
 # steps already taken (e.g. "train 500 more steps").
-RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "log_every"})
+RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "log_every",
+                               "gradient_checkpointing"})
+CHECKPOINTING = ("off", "on", "auto")  # auto: off until a step runs out of memory, then on
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class TrainConfig:
     lr_cycles: int = 1
     max_grad_norm: float = 1.0  # 0: no clipping
     precision: str = "fp32"  # autocast dtype for the forward pass; adapters always fp32
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "off"  # one of CHECKPOINTING (True/False are read as on/off)
     # reporting and safety
     log_every: int = 10  # one host-device sync per interval: loss, NaN check
     checkpoint_every: int = 0  # 0: no periodic checkpoints
@@ -56,6 +58,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
+        if isinstance(self.gradient_checkpointing, bool):
+            object.__setattr__(self, "gradient_checkpointing", "on" if self.gradient_checkpointing else "off")
         _positive(self, "steps", "batch_size", "grad_accum", "rank", "log_every", "keep_checkpoints", "lr_cycles")
         _non_negative(self, "min_snr_gamma", "noise_offset", "weight_decay", "warmup_steps", "max_grad_norm",
                       "checkpoint_every", "lora_dropout")
@@ -66,6 +70,7 @@ class TrainConfig:
         _choice(self, "lr_schedule", LR_SCHEDULES)
         _choice(self, "precision", PRECISIONS)
         _choice(self, "lora_init", ("kaiming", "gaussian"))
+        _choice(self, "gradient_checkpointing", CHECKPOINTING)
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.alpha is not None and not self.alpha > 0:

@@ -50,6 +50,7 @@ class TrainResult:
     objective: str
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss of the interval)
     data_wait_s: float = 0.0  # time the loop waited for batches
+    gradient_checkpointing: bool = False  # whether it ended up on (auto turns it on after running out of memory)
 
 
 class TrainingDiverged(RuntimeError):
@@ -172,7 +173,8 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
         _set_rng(state.rng, device)
         step, position, smoothed = state.step, state.position, state.smoothed_loss
         log.info("resumed from step %d (%s)", step, resume_from)
-    _set_gradient_checkpointing(denoiser, config.gradient_checkpointing)
+    checkpointing = config.gradient_checkpointing == "on"
+    _set_gradient_checkpointing(denoiser, checkpointing)
     module = denoiser.module
     module.train()
 
@@ -191,6 +193,15 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
             optimizer.zero_grad(set_to_none=True)  # the half-done step is dropped
             result.cancelled = True
             break
+        except torch.OutOfMemoryError:
+            if checkpointing or config.gradient_checkpointing != "auto" or not hasattr(denoiser, "set_gradient_checkpointing"):
+                raise
+            optimizer.zero_grad(set_to_none=True)  # the step is redone, same batch and noise, with less memory
+            checkpointing = True
+            _set_gradient_checkpointing(denoiser, True)
+            _free_device_memory(device)
+            log.warning("step %d ran out of memory; gradient checkpointing is now on", step + 1)
+            continue
         position += config.grad_accum
         if scaler:
             scaler.unscale_(optimizer)
@@ -238,6 +249,7 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
                 break
     result.lora = attachment.tensors()
     result.data_wait_s = stream.wait_s
+    result.gradient_checkpointing = checkpointing
     elapsed = time.perf_counter() - started
     log.info("trained %d steps in %.1fs; waited %.1f%% of the time for data", step - first_step, elapsed,
              100 * stream.wait_s / max(elapsed, 1e-9))
@@ -281,6 +293,11 @@ def _set_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(rng["cpu"])
     if device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _free_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _set_gradient_checkpointing(denoiser: Denoiser, enabled: bool) -> None:

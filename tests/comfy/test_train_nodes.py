@@ -118,3 +118,23 @@ def _counting(function, calls, key):
         return function(*args, **kwargs)
 
     return counted
+
+
+def test_gradient_checkpointing_learns_the_same_lora_and_comes_off_again(comfy, sd15, demo_folder, monkeypatch):
+    model, _, _ = sd15
+    encoded, _ = _encoded(comfy, sd15, demo_folder)
+    recomputed = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
+    off, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, gradient_checkpointing="off",
+                         **TRAIN)
+    assert not recomputed
+    on, _, report = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, gradient_checkpointing="on",
+                             **TRAIN)
+    assert "gradient checkpointing on" in report and recomputed
+    assert off.layers.keys() == on.layers.keys()
+    for name, tensors in off.layers.items():
+        torch.testing.assert_close(on.layers[name].up, tensors.up, atol=1e-5, rtol=1e-4)
+    blocks = [m for m in model.model.diffusion_model.modules() if "forward" in vars(m)]
+    assert not blocks, "checkpointing wrappers were left on the model"

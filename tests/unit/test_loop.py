@@ -158,3 +158,35 @@ def test_an_interrupt_raised_mid_step_keeps_the_last_completed_step():
     with pytest.raises(HostInterrupt):  # not declared: not swallowed
         calls.clear()
         train(TrainConfig(steps=30, **BASE), Interrupting(), toy_data())
+
+
+class MemoryHungry(ToyDenoiser):
+    """Runs out of memory on its 3rd forward unless gradient checkpointing is on, like a GPU that is too small."""
+
+    def __init__(self):
+        super().__init__()
+        self.forwards, self.checkpointing = 0, []
+
+    def set_gradient_checkpointing(self, enabled):
+        self.checkpointing.append(enabled)
+
+    def __call__(self, noisy, timestep, cond):
+        self.forwards += 1
+        if self.forwards == 3 and not self.checkpointing[-1]:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().__call__(noisy, timestep, cond)
+
+
+def test_auto_gradient_checkpointing_turns_on_only_when_a_step_runs_out_of_memory():
+    plain = train(TrainConfig(steps=6, **BASE), ToyDenoiser(), toy_data())
+    assert not plain.gradient_checkpointing
+
+    hungry = MemoryHungry()
+    result = train(TrainConfig(steps=6, gradient_checkpointing="auto", **BASE), hungry, toy_data())
+    assert result.gradient_checkpointing and result.steps_done == 6
+    assert hungry.checkpointing == [False, True, False]  # off at first, on after the failure, off at the end
+    assert _max_diff(result.lora, plain.lora) < 1e-6  # the failed step was redone with the same batch and noise
+
+    with pytest.raises(torch.OutOfMemoryError):  # "off" means off: the error reaches the user
+        train(TrainConfig(steps=6, gradient_checkpointing="off", **BASE), MemoryHungry(), toy_data())
+    assert TrainConfig(gradient_checkpointing=True).gradient_checkpointing == "on"
