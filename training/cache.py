@@ -46,8 +46,10 @@ class Encoders(Protocol):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """[1, 3, H, W] in [-1, 1] -> latents [C, h, w], already scaled the way the denoiser expects."""
 
-    def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
-        """One caption -> unbatched conditioning: ``context`` [L, D], optional ``mask`` [L], ``pooled`` [D]."""
+    def encode_text(self, caption: str, image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One caption -> unbatched conditioning: ``context`` [L, D], optional ``mask`` [L], ``pooled`` [D].
+        ``image`` ([1, 3, H, W] in [-1, 1]): an edit pair's control image, for text encoders that see it
+        (Qwen-Image-Edit's vision-language encoder); others ignore it."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class EncodedSample:
     control: Path | None
     texts: tuple[Path, ...]
     size: tuple[int, int]  # latent (h, w)
+    empty: Path | None = None  # edit pairs: the empty caption encoded with this control image
 
 
 @dataclass
@@ -102,7 +105,7 @@ class EncodedDataset:
             sample = self.samples[i]
             use_flip = sample.flipped is not None and rng.random() < 0.5
             image = load_file(sample.flipped if use_flip else sample.latent)
-            text = self.empty_text if self.policy.drops(rng) else rng.choice(sample.texts)
+            text = (sample.empty or self.empty_text) if self.policy.drops(rng) else rng.choice(sample.texts)
             cond = load_file(text)
             if sample.control is not None:
                 cond["control"] = load_file(sample.control)["latent"]
@@ -129,13 +132,17 @@ def encode_dataset(samples: Sequence[Sample], encoders: Encoders, cache_dir: str
         transform = {"bucket": bucket, "random_crop": settings.random_crop, "seed": settings.seed}
         latent, flipped, size = _encode_image(cache, encoders, sample.image, image, transform, settings.flip,
                                               crop_rng)
-        control = None
+        control = seen = empty = None
         if sample.control is not None:
-            control, _, _ = _encode_image(cache, encoders, sample.control, load_image(sample.control),
-                                          transform, False, random.Random(rng.random()))
+            control_image = load_image(sample.control)
+            control, _, _ = _encode_image(cache, encoders, sample.control, control_image, transform, False,
+                                          random.Random(rng.random()))
+            pixels, _ = resize_and_crop(control_image, transform["bucket"], random_crop=False)
+            seen = (hashlib.sha256(sample.control.read_bytes()).hexdigest(), image_to_tensor(pixels).unsqueeze(0))
+            empty = _encode_text(cache, encoders, "", seen)
         variants = policy.variants(sample.caption, settings.caption_variants, seed=settings.seed + number)
-        texts = tuple(_encode_text(cache, encoders, caption) for caption in variants)
-        encoded.append(EncodedSample(latent, flipped, control, texts, size))
+        texts = tuple(_encode_text(cache, encoders, caption, seen) for caption in variants)
+        encoded.append(EncodedSample(latent, flipped, control, texts, size, empty))
         if on_progress is not None:
             on_progress(number + 1, len(samples))
     empty = _encode_text(cache, encoders, "")
@@ -163,13 +170,16 @@ def _encode_image(cache: _Cache, encoders: Encoders, path: Path, image, transfor
     return paths[0], paths[1] if flip else None, size
 
 
-def _encode_text(cache: _Cache, encoders: Encoders, caption: str) -> Path:
+def _encode_text(cache: _Cache, encoders: Encoders, caption: str,
+                 image: tuple[str, torch.Tensor] | None = None) -> Path:
+    """``image``: (hash, pixels) of the control image the text encoder also sees (edit pairs)."""
     def make() -> dict[str, torch.Tensor]:
         cache.stats.encoded_texts += 1
-        return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous()
-                for k, v in encoders.encode_text(caption).items()}
+        out = encoders.encode_text(caption, image[1]) if image is not None else encoders.encode_text(caption)
+        return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in out.items()}
 
-    return cache.entry("text", {"caption": caption}, make)
+    key = {"caption": caption} if image is None else {"caption": caption, "image": image[0]}
+    return cache.entry("text", key, make)
 
 
 class _Cache:

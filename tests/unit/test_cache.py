@@ -121,6 +121,17 @@ def test_edit_pairs_carry_the_control_latent(tmp_path):
     batch = data.collate([0], random.Random(0))
     assert batch.cond["control"].shape == batch.latents.shape
     assert not torch.equal(batch.cond["control"], batch.latents)
+    # the text encoder saw the control image (Qwen-Image-Edit style), also for the dropout caption
+    assert batch.cond["context"].shape[1] == len("make it blue".split()) + 1
+    dropping = encode_dataset(samples, ToyEncoders(), tmp_path / "cache", SETTINGS, CaptionPolicy(dropout=0.5))
+    lengths = {dropping.collate([0], random.Random(seed)).cond["context"].shape[1] for seed in range(20)}
+    assert lengths == {4, 2}  # the caption + image, or the empty caption's token + the image
+
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(folder / "control" / "img0.png")  # another control image
+    encoders = ToyEncoders()
+    again = encode_dataset(samples, encoders, tmp_path / "cache", SETTINGS)
+    assert encoders.text_calls == 2  # its caption and its empty caption are encoded again, with the new image
+    assert not torch.equal(again.collate([0], random.Random(0)).cond["context"], batch.cond["context"])
 
 
 def test_an_unwritable_cache_dir_is_a_clear_error(tmp_path):

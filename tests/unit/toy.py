@@ -58,8 +58,11 @@ class ToyEncoders:
         pooled = torch.nn.functional.avg_pool2d(pixels, 8)[0]
         return torch.einsum("oc,chw->ohw", self.mix, pooled)
 
-    def encode_text(self, caption):
+    def encode_text(self, caption, image=None):
+        """With an image (edit pairs), its mean colour is one more token, as a VL encoder sees the image."""
         self.text_calls += 1
         ids = [sum(map(ord, w)) % 64 for w in caption.replace(",", " ").split()] or [0]
         context = self.words[ids]
+        if image is not None:
+            context = torch.cat([context, image.mean(dim=(0, 2, 3)).repeat(3)[None, :8]])
         return {"context": context, "pooled": context.mean(dim=0)}
