@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import os
 import random
+import sys
 from collections.abc import Sequence
 
 import comfy.model_management as mm
 import comfy.utils
 import torch
+import torch.overrides
 import torch.utils.checkpoint
 
 from ..training.batching import Batch, TrainData
@@ -22,12 +26,20 @@ log = logging.getLogger(__name__)
 
 class ComfyDenoiser:
     """A ComfyUI MODEL as the engine's Denoiser. Calls the diffusion model directly, so the output is the
-    raw prediction (eps, v or velocity) rather than ComfyUI's denoised x0, which would divide by σ."""
+    raw prediction (eps, v or velocity) rather than ComfyUI's denoised x0, which would divide by σ.
 
-    def __init__(self, model):
+    The conditioning reaches the model the way ComfyUI's samplers send it: the cached text encoding
+    (``context``, ``pooled``) and the edit pair's ``control`` latent go through the model's own
+    ``extra_conds``, which builds SDXL's size embedding, SD3/FLUX's pooled vector, FLUX's guidance and
+    Qwen-Image-Edit's reference latents. SDXL's size conditioning is the bucket's pixel size, uncropped,
+    as when sampling at that size."""
+
+    def __init__(self, model, guidance: float | None = None):
         self.base = model.model
         self.module = self.base.diffusion_model
         self.prediction = prediction_of(model)
+        self.guidance = guidance  # FLUX-dev's guidance embedding while training (None: ComfyUI's default)
+        self.in_place_residuals = type(self.module).__name__ == "Flux"  # see OutOfPlaceAdds
         self._checkpointed: list[torch.nn.Module] = []
 
     @property
@@ -37,9 +49,31 @@ class ComfyDenoiser:
     def __call__(self, noisy: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         # DDPM gets its discrete t as is; flow σ becomes the model's timestep through model_sampling.
         t = self.base.model_sampling.timestep(timestep) if self.prediction == "flow" else timestep
-        out = self.module(noisy.to(self.dtype), t.float(), context=cond["context"].to(self.dtype),
-                          control=None, transformer_options={})
+        kwargs = self.model_inputs(noisy, cond)
+        x = noisy
+        if "c_concat" in kwargs:
+            x = torch.cat([x, kwargs.pop("c_concat")], dim=1)
+        context = kwargs.pop("c_crossattn")
+        t = self.base.process_timestep(t.float(), x=noisy, **kwargs)
+        training = self.in_place_residuals and torch.is_grad_enabled()
+        with OutOfPlaceAdds() if training else contextlib.nullcontext():
+            out = self.module(x.to(self.dtype), t, context=context, control=None, transformer_options={}, **kwargs)
         return out.float()
+
+    def model_inputs(self, noisy: torch.Tensor, cond: dict[str, torch.Tensor]) -> dict[str, object]:
+        """The keyword inputs ComfyUI's sampler would give the diffusion model for this batch."""
+        height, width = (side * 8 for side in noisy.shape[-2:])
+        params = {"noise": noisy, "device": noisy.device, "cross_attn": cond["context"], "width": width,
+                  "height": height}
+        if "pooled" in cond:
+            params["pooled_output"] = cond["pooled"]
+        if "control" in cond:
+            params["reference_latents"] = [cond["control"]]
+        if self.guidance is not None:
+            params["guidance"] = self.guidance
+        conds = self.base.extra_conds(**params)
+        return {name: _to(c.process_cond(batch_size=noisy.shape[0], device=noisy.device, area=None).cond,
+                          self.dtype, noisy.device) for name, c in conds.items()}
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations during the backward pass instead of keeping them. The blocks are
@@ -51,12 +85,47 @@ class ComfyDenoiser:
             self._checkpointed = [layer for blocks in lists for block in blocks
                                   for layer in (block if isinstance(block, torch.nn.Sequential) else [block])]
             for block in self._checkpointed:
-                block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward,
-                                                  use_reentrant=False)
+                forward = _out_of_place(block.forward) if self.in_place_residuals else block.forward
+                block.forward = functools.partial(torch.utils.checkpoint.checkpoint, forward, use_reentrant=False)
         elif not enabled:
             for block in self._checkpointed:
                 del block.forward
             self._checkpointed = []
+
+
+IN_PLACE_ADD = torch.Tensor.add_  # what ``a += b`` dispatches to
+FLUX_CODE = os.path.join("comfy", "ldm", "flux", "")
+
+
+class OutOfPlaceAdds(torch.overrides.TorchFunctionMode):
+    """ComfyUI's FLUX blocks add residuals in place (``x += ...``): fine for sampling, but autograd needs the
+    ``x`` their LayerNorm saved, and gradient checkpointing needs block inputs unchanged to recompute them.
+    While training, ``x += y`` written in ComfyUI's FLUX code becomes ``x + y``; Python rebinds the name to
+    the result, so the block computes the same values. In-place adds anywhere else (where a statement
+    ``a.add_(b)`` relies on mutation) are untouched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is IN_PLACE_ADD and FLUX_CODE in sys._getframe(1).f_code.co_filename:
+            return torch.add(args[0], args[1])
+        return func(*args, **(kwargs or {}))
+
+
+def _out_of_place(forward):
+    """``forward`` under OutOfPlaceAdds also when gradient checkpointing recomputes it in the backward pass."""
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        with OutOfPlaceAdds():
+            return forward(*args, **kwargs)
+
+    return run
+
+
+def _to(value, dtype: torch.dtype, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+    if isinstance(value, list):
+        return [_to(v, dtype, device) for v in value]
+    return value
 
 
 class LatentsIn:
@@ -83,11 +152,12 @@ class ComfyEncoders:
                                     extra=f"layer={clip.layer_idx};patches={len(clip.patcher.patches)}")
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        images = ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # ComfyUI IMAGE: [B, H, W, C] in [0, 1]
-        return self.vae.encode(images)[0].float().cpu()
+        return self.vae.encode(_comfy_image(pixels))[0].float().cpu()
 
-    def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
-        tokens = self.clip.tokenize(caption)
+    def encode_text(self, caption: str, image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        # an edit pair's control image reaches vision-language encoders as TextEncodeQwenImageEdit sends it
+        tokens = self.clip.tokenize(caption, images=[_comfy_image(image)]) if image is not None else \
+            self.clip.tokenize(caption)
         (context, extras), *_ = self.clip.encode_from_tokens_scheduled(tokens, show_pbar=False)
         out = {"context": context[0].float().cpu()}
         for key, value in extras.items():
@@ -101,12 +171,24 @@ class ComfyEncoders:
         unload(self.vae.patcher, self.clip.patcher)
 
 
+def _comfy_image(pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> ComfyUI's IMAGE: [B, H, W, 3] in [0, 1]."""
+    return ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+# ComfyUI leaves CLIP-L's text projection uninitialised when a checkpoint has none (SD1.x): its values differ
+# from one load to the next, and they do not reach an SD1 model. Every other weight identifies the encoder.
+UNLOADED_IN_SOME_CHECKPOINTS = ("text_projection.weight",)
+
+
 def fingerprint(*modules: torch.nn.Module, extra: str = "") -> str:
     """A cheap identity for encoder weights: class, names, shapes, dtypes and the first values of each tensor."""
     h = hashlib.sha256(extra.encode())
     for module in modules:
         h.update(type(module).__name__.encode())
         for name, tensor in module.state_dict().items():
+            if name.endswith(UNLOADED_IN_SOME_CHECKPOINTS):
+                continue
             h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             if tensor.numel():
                 h.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())

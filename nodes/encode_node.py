@@ -49,19 +49,24 @@ class EncodeLatentsCache:
         }}
 
     def execute(self, dataset, vae, clip, cache_dir):
-        folder = resolve_cache_dir(cache_dir)
-        settings = CacheSettings(resolution=dataset.resolution, bucket_multiple=dataset.bucket_multiple,
-                                 random_crop=dataset.random_crop, flip=dataset.flip,
-                                 caption_variants=dataset.caption_variants)
         encoders = ComfyEncoders(vae, clip)
-        bar = comfy.utils.ProgressBar(len(dataset.samples))
         try:
-            data = encode_dataset(dataset.samples, encoders, folder, settings, dataset.policy,
-                                  on_progress=lambda done, total: bar.update_absolute(done, total))
+            return encode(dataset, encoders, cache_dir)
         finally:
             encoders.release()
-        stats = data.stats
-        report = (f"{len(dataset.samples)} images ({len(data)} with repeats) in {folder}: encoded "
-                  f"{stats.encoded_images} images and {stats.encoded_texts} captions, reused {stats.reused}, "
-                  f"rebuilt {stats.rebuilt_corrupt} damaged")
-        return (LoraEncoded(data, dataset, folder), report)
+
+
+def encode(dataset, encoders, cache_dir: str) -> tuple[LoraEncoded, str]:
+    """Encode ``dataset`` with any engine Encoders into the cache; ComfyUI's progress bar follows it."""
+    folder = resolve_cache_dir(cache_dir)
+    settings = CacheSettings(resolution=dataset.resolution, bucket_multiple=dataset.bucket_multiple,
+                             random_crop=dataset.random_crop, flip=dataset.flip,
+                             caption_variants=dataset.caption_variants)
+    bar = comfy.utils.ProgressBar(len(dataset.samples))
+    data = encode_dataset(dataset.samples, encoders, folder, settings, dataset.policy,
+                          on_progress=lambda done, total: bar.update_absolute(done, total))
+    stats = data.stats
+    report = (f"{len(dataset.samples)} images ({len(data)} with repeats) in {folder}: encoded "
+              f"{stats.encoded_images} images and {stats.encoded_texts} captions, reused {stats.reused}, "
+              f"rebuilt {stats.rebuilt_corrupt} damaged")
+    return LoraEncoded(data, dataset, folder), report

@@ -11,23 +11,45 @@ import comfy.utils
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 SD_ATTENTION_MLP = (*ATTENTION, "ff.net.0.proj", "ff.net.2")
 PRESETS = ("attention", "attention+mlp", "all-linear")
+ALL_LINEAR = "all-linear"  # training.lora.ALL_LINEAR: every Linear layer
 
 
 @dataclass(frozen=True)
 class Family:
-    name: str  # ComfyUI's model config class (SD15, SDXL, Flux, ...), or "generic"
+    name: str  # display name (SD1.x, SDXL, FLUX.1, ...), or ComfyUI's config class for unknown models
     base_model_version: str  # kohya ss_base_model_version
     architecture: str  # modelspec.architecture
-    file_format: str  # what Save LoRA writes when asked for "auto"
-    presets: dict[str, tuple[str, ...] | str] = field(default_factory=dict)
+    formats: tuple[str, ...]  # file formats ComfyUI's key map accepts for it; the first is Save LoRA's "auto"
+    presets: dict[str, tuple[str, ...] | str] = field(default_factory=dict)  # ComfyUI module-name suffixes
+    bucket_multiple: int = 64  # image sides must be multiples of this (VAE factor × patch size)
     v2: bool = False
+    guidance: float | None = None  # FLUX-dev: the guidance embedding while training
     # comfy module path -> the module name the portable file uses (kohya: diffusers names for SD1/2)
     file_names: Callable[[list[str]], dict[str, str]] | None = None
+    file_prefix: str | None = None  # key prefix of a "diffusers"-format (lora_A/B) file
+
+    @property
+    def file_format(self) -> str:
+        return self.formats[0]
 
     def targets(self, preset: str) -> tuple[str, ...] | str:
         if preset not in PRESETS:
             raise ValueError(f"Unknown target preset {preset!r}; choose one of {list(PRESETS)}")
-        return self.presets.get(preset, "all-linear" if preset == "all-linear" else ATTENTION)
+        return ALL_LINEAR if preset == ALL_LINEAR else self.presets.get(preset, ATTENTION)
+
+
+SD_PRESETS = {"attention": ATTENTION, "attention+mlp": SD_ATTENTION_MLP}
+# FLUX: double blocks have separate image/text attention; single blocks fuse attention with the MLP
+# (linear1 = qkv + MLP in, linear2 = attention + MLP out), so "attention" includes them, as kohya does.
+FLUX_ATTENTION = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
+FLUX_PRESETS = {"attention": FLUX_ATTENTION,
+                "attention+mlp": (*FLUX_ATTENTION, "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")}
+SD3_ATTENTION = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj")
+SD3_PRESETS = {"attention": SD3_ATTENTION, "attention+mlp": (*SD3_ATTENTION, "mlp.fc1", "mlp.fc2")}
+QWEN_ATTENTION = (*ATTENTION, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+QWEN_PRESETS = {"attention": QWEN_ATTENTION,
+                "attention+mlp": (*QWEN_ATTENTION, "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+                                  "txt_mlp.net.2")}
 
 
 def _diffusers_names(unet_config: dict) -> Callable[[list[str]], dict[str, str]]:
@@ -45,20 +67,32 @@ def _diffusers_names(unet_config: dict) -> Callable[[list[str]], dict[str, str]]
     return rename
 
 
-def family_of(model) -> Family:
-    """The family of a ComfyUI ModelPatcher's model."""
+def family_of(model, edit: bool = False) -> Family:
+    """The family of a ComfyUI ModelPatcher's model; ``edit``: trained on edit pairs (Qwen-Image-Edit)."""
     base = model.model
     name = type(base.model_config).__name__
-    sd_presets = {"attention": ATTENTION, "attention+mlp": SD_ATTENTION_MLP}
+    v_pred = prediction_of(model) == "v"
     if name == "SD15":
-        return Family(name, "sd_v1", "stable-diffusion-v1/lora", "kohya", sd_presets,
+        return Family("SD1.x", "sd_v1", "stable-diffusion-v1/lora", ("kohya", "comfy"), SD_PRESETS,
                       file_names=_diffusers_names(base.model_config.unet_config))
     if name in ("SD20", "SD21UnclipL", "SD21UnclipH"):
-        return Family(name, "sd_v2", "stable-diffusion-v2/lora", "kohya", sd_presets, v2=True,
+        return Family("SD2.x", "sd_v2", f"stable-diffusion-v2-{'768-v' if v_pred else '512'}/lora",
+                      ("kohya", "comfy"), SD_PRESETS, v2=True,
                       file_names=_diffusers_names(base.model_config.unet_config))
     if name == "SDXL":
-        return Family(name, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "kohya", sd_presets)
-    return Family(name, name.lower(), f"{name}/lora", "comfy", {})
+        return Family("SDXL", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", ("kohya", "comfy"), SD_PRESETS)
+    if name == "SD3":
+        return Family("SD3", "sd3", "stable-diffusion-v3-medium/lora", ("kohya", "comfy"), SD3_PRESETS,
+                      bucket_multiple=16)
+    if name in ("Flux", "FluxSchnell"):
+        dev = bool(base.model_config.unet_config.get("guidance_embed"))
+        return Family("FLUX.1", "flux1", f"flux-1-{'dev' if dev else 'schnell'}/lora", ("kohya", "comfy"),
+                      FLUX_PRESETS, bucket_multiple=16, guidance=1.0 if dev else None)
+    if name == "QwenImage":
+        label = "Qwen-Image-Edit" if edit else "Qwen-Image"
+        return Family(label, label.lower().replace("-", "_"), f"{label}/lora", ("diffusers", "kohya", "comfy"),
+                      QWEN_PRESETS, bucket_multiple=16, file_prefix="diffusion_model")
+    return Family(name, name.lower(), f"{name}/lora", ("comfy", "kohya"), {}, bucket_multiple=16)
 
 
 def prediction_of(model) -> str:

@@ -45,17 +45,18 @@ class TrainedLora:
 
 def file_layers(lora: TrainedLora, format: str = "auto") -> tuple[str, dict[str, LoraTensors], str | None]:
     """(format, layers under the names the file uses, key prefix) for a ``format`` file of ``lora``."""
-    format = lora.family.file_format if format == "auto" else format
+    family = lora.family
+    format = family.file_format if format == "auto" else format
     if format not in SAVE_FORMATS:
         raise ValueError(f"Unknown LoRA format {format!r}; choose one of {list(SAVE_FORMATS)}")
-    if format == "diffusers" and lora.family.file_names is not None:
-        raise ValueError(f"{lora.family.name} LoRAs load in diffusers from the 'kohya' format; "
-                         "choose 'kohya' (or 'comfy' for ComfyUI only)")
+    if format not in family.formats:
+        raise ValueError(f"ComfyUI does not load {family.name} LoRAs in the {format!r} format; choose one of "
+                         f"{list(family.formats)} (or 'auto': {family.file_format})")
     layers = lora.layers
-    if format == "kohya" and lora.family.file_names is not None:
-        names = lora.family.file_names(sorted(layers))
+    if format == "kohya" and family.file_names is not None:
+        names = family.file_names(sorted(layers))
         layers = {names[path]: tensors for path, tensors in layers.items()}
-    return format, layers, "diffusion_model" if format == "diffusers" else None
+    return format, layers, family.file_prefix if format == "diffusers" else None
 
 
 def file_tensors(lora: TrainedLora, format: str = "auto", dtype: torch.dtype | None = None) -> dict:

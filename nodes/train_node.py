@@ -75,6 +75,9 @@ class TrainLora:
                 "precision": (["auto", "fp32", "bf16", "fp16"], _tip("Forward-pass precision; auto = the "
                                                                      "model's. Adapters are always fp32.",
                                                                      default="auto")),
+                "flux_guidance": ("FLOAT", _tip("FLUX.1-dev only: the guidance embedding while training (1.0 as "
+                                                "kohya and ai-toolkit; sample with FluxGuidance as usual).",
+                                                default=1.0, min=0.0, max=100.0, step=0.1)),
                 "gradient_checkpointing": (["auto", "off", "on"], _tip(
                     "Trade compute for memory by recomputing activations in the backward pass. auto: off, and "
                     "turned on if a step runs out of GPU memory.", default="auto")),
@@ -87,11 +90,13 @@ class TrainLora:
 
     def execute(self, model, encoded, steps, learning_rate, rank, alpha, targets, objective, batch_size, seed,
                 name, lr_schedule="constant", warmup_steps=0, grad_accum=1, timestep_sampling="logit_normal",
-                min_snr_gamma=5.0, noise_offset=0.0, precision="auto", gradient_checkpointing="auto",
+                min_snr_gamma=5.0, noise_offset=0.0, precision="auto", flux_guidance=1.0, gradient_checkpointing="auto",
                 checkpoint_every=0, resume=False, unique_id=None):
         loras_path(name)  # a bad name fails now, not after the training
-        family = family_of(model)
-        denoiser = ComfyDenoiser(model)
+        edit = any(sample.control is not None for sample in encoded.dataset.samples)
+        family = family_of(model, edit=edit)
+        _check_sizes(encoded, family)
+        denoiser = ComfyDenoiser(model, guidance=family.guidance if family.guidance is None else flux_guidance)
         checkpoint_dir = os.path.join(folder_paths.get_output_directory(), "lora_trainer", name, "checkpoints")
         objective = objective_for_model(model, objective)
         config = TrainConfig(
@@ -139,3 +144,13 @@ class TrainLora:
                   f"{result.steps_done} steps, final loss {last}"
                   + (", gradient checkpointing on" if result.gradient_checkpointing else ""))
         return (lora, loss_curve_image(result.losses, title=f"{name}: loss ({objective})"), report)
+
+
+def _check_sizes(encoded, family) -> None:
+    """Every bucket must suit the model's patches (FLUX/SD3/Qwen: multiples of 16 pixels)."""
+    bad = sorted({(h * 8, w * 8) for h, w in encoded.data.sizes if (h * 8) % family.bucket_multiple
+                  or (w * 8) % family.bucket_multiple})
+    if bad:
+        raise ValueError(f"Train LoRA: {family.name} needs image sides that are multiples of {family.bucket_multiple} "
+                         f"pixels, but the dataset has buckets {bad}; set Load LoRA Dataset's bucket_multiple to "
+                         f"{family.bucket_multiple} or 64")

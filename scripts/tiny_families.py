@@ -21,10 +21,11 @@ class Tiny:
     cond: dict[str, tuple[int, ...]]  # one caption's conditioning: name -> shape
     model_type: str | None = None  # force a comfy.model_base.ModelType (SD2 v-prediction)
     edit: bool = False  # trained on edit pairs (reference latents)
+    frames: bool = False  # latents carry a time axis, [C, 1, h, w] (Qwen's Wan VAE), as ComfyUI's VAE gives them
     extra: dict = field(default_factory=dict)
 
 
-_UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1],
+_UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1],
              channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
              transformer_depth_middle=1, use_spatial_transformer=True,
              num_head_channels=16, num_heads=-1, legacy=False, use_temporal_attention=False,
@@ -47,8 +48,8 @@ TINY = {
                                                      "params": {"in_features": 64, "out_features": 128}}),
                 16, {"context": (7, 64), "pooled": (32,)}),
     "FLUX.1-dev": Tiny("Flux", {**_FLUX, "guidance_embed": True}, 16, {"context": (7, 64), "pooled": (32,)}),
-    "Qwen-Image": Tiny("QwenImage", _QWEN, 16, {"context": (7, 64)}),
-    "Qwen-Image-Edit": Tiny("QwenImage", _QWEN, 16, {"context": (7, 64)}, edit=True),
+    "Qwen-Image": Tiny("QwenImage", _QWEN, 16, {"context": (7, 64)}, frames=True),
+    "Qwen-Image-Edit": Tiny("QwenImage", _QWEN, 16, {"context": (7, 64)}, edit=True, frames=True),
 }
 
 

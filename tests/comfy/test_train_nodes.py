@@ -138,3 +138,18 @@ def test_gradient_checkpointing_learns_the_same_lora_and_comes_off_again(comfy, 
         torch.testing.assert_close(on.layers[name].up, tensors.up, atol=1e-5, rtol=1e-4)
     blocks = [m for m in model.model.diffusion_model.modules() if "forward" in vars(m)]
     assert not blocks, "checkpointing wrappers were left on the model"
+
+
+def test_the_encoder_identity_is_the_same_for_every_load_of_a_checkpoint(comfy, sd15):
+    """Else a restarted ComfyUI would never find its latent cache warm."""
+    import sys
+
+    from tests.conftest import TINY_CKPT_NAME
+
+    bridge = sys.modules[comfy.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].__module__.rsplit(".", 1)[0] + ".bridge"]
+    _, clip, vae = sd15
+    identities = {bridge.ComfyEncoders(vae, clip).identity}
+    for _ in range(2):
+        _, clip_again, vae_again = run_node(comfy, "CheckpointLoaderSimple", ckpt_name=TINY_CKPT_NAME)[:3]
+        identities.add(bridge.ComfyEncoders(vae_again, clip_again).identity)
+    assert len(identities) == 1

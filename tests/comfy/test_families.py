@@ -1,0 +1,194 @@
+"""Every family through the nodes, on tiny models built from ComfyUI's own classes (scripts/tiny_families.py):
+Train LoRA picks the family's objective and learns, Save LoRA writes the family's portable format with its
+metadata, ComfyUI's own key map loads every tensor of the file, and the stock loader's patched model equals
+Apply LoRA's.
+
+The latents and text encodings come from encoders with each family's output structure (latent channels, a
+caption's token sequence, pooled vector; Qwen-Image-Edit's encoder also sees the control image), fed through
+the pack's own cache code; the tiny models' encoders are not ComfyUI's VAE/CLIP classes.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from scripts.make_demo_assets import make_demo_dataset
+from scripts.tiny_families import TINY, tiny_model
+from tests.comfy.conftest import run_node
+from training.config import TrainConfig
+from training.loop import objective_for
+from training.objectives import weighted_mse
+
+EXPECTED = {  # family: objective, ss_base_model_version, modelspec.architecture, first key of the file
+    "SD15": ("ddpm-eps", "sd_v1", "stable-diffusion-v1/lora", "lora_unet_down_blocks_0_attentions_0_"),
+    "SD2-v": ("ddpm-v", "sd_v2", "stable-diffusion-v2-768-v/lora", "lora_unet_down_blocks_0_attentions_0_"),
+    "SDXL": ("ddpm-eps", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "lora_unet_input_blocks_1_1_"),
+    "SD3": ("flow", "sd3", "stable-diffusion-v3-medium/lora", "lora_unet_joint_blocks_0_context_block_attn_"),
+    "FLUX.1-dev": ("flow", "flux1", "flux-1-dev/lora", "lora_unet_double_blocks_0_img_attn_"),
+    "Qwen-Image": ("flow", "qwen_image", "Qwen-Image/lora", "diffusion_model.transformer_blocks.0.attn."),
+    "Qwen-Image-Edit": ("flow", "qwen_image_edit", "Qwen-Image-Edit/lora",
+                        "diffusion_model.transformer_blocks.0.attn."),
+}
+STEPS = 50
+
+
+class FamilyEncoders:
+    """The engine's Encoders with a family's output structure: latents of its channel count (8× average pool
+    and a fixed channel mix), a caption as a fixed-length token sequence and a pooled vector of its widths.
+    With a control image (edit pairs) the image's colour is added to the tokens, as a VL encoder sees it."""
+
+    latent_multiple = 8
+
+    def __init__(self, family: str):
+        spec = TINY[family]
+        self.identity, self.frames = f"tiny-{family}", spec.frames
+        g = torch.Generator().manual_seed(0)
+        self.mix = torch.randn(spec.latent_channels, 3, generator=g)
+        self.length, width = spec.cond["context"]
+        self.words = torch.randn(64, width, generator=g)
+        self.pooled = torch.randn(width, spec.cond["pooled"][0], generator=g) / width**0.5 if "pooled" in spec.cond \
+            else None
+
+    def encode_image(self, pixels):
+        latent = torch.einsum("oc,chw->ohw", self.mix, torch.nn.functional.avg_pool2d(pixels, 8)[0])
+        return latent.unsqueeze(1) if self.frames else latent
+
+    def encode_text(self, caption, image=None):
+        ids = ([sum(map(ord, w)) % 63 + 1 for w in caption.split()] + [0] * self.length)[:self.length]
+        context = self.words[ids]
+        if image is not None:
+            context = context + image.mean(dim=(0, 2, 3)).repeat(context.shape[1])[:context.shape[1]]
+        out = {"context": context}
+        if self.pooled is not None:
+            out["pooled"] = context.mean(dim=0) @ self.pooled
+        return out
+
+
+def _dataset(comfy, family: str):
+    folder = comfy.base / "input" / f"family_{family}"
+    if not folder.exists():
+        images = make_demo_dataset(folder, count=4, size=64, seed=1)
+        if TINY[family].edit:  # the control image is the target's negative; the caption says so
+            (folder / "control").mkdir()
+            for image in images:
+                ImageOps.invert(Image.open(image).convert("RGB")).save(folder / "control" / image.name)
+                image.with_suffix(".txt").write_text("zkx, invert the colours")
+    dataset, report = run_node(comfy, "LoraTrainerLoadDataset", folder=folder.name, resolution=64, bucket_multiple=64,
+                               strict=True, edit_pairs=TINY[family].edit, random_crop=False, flip=False)
+    assert "4 images" in report
+    return dataset
+
+
+def _pack_module(comfy, node_id: str):
+    return sys.modules[comfy.NODE_CLASS_MAPPINGS[node_id].__module__]
+
+
+def _probe_loss(comfy, model, batch, config, guidance):
+    """Denoising loss at fixed (noise, σ) probes, with ``model`` loaded (and patched) the way ComfyUI does."""
+    from comfy import model_management as mm
+
+    bridge = sys.modules[_pack_module(comfy, "LoraTrainerTrain").__package__ + ".bridge"]
+    mm.load_models_gpu([model], force_full_load=True)
+    denoiser = bridge.ComfyDenoiser(model, guidance=guidance)
+    objective = objective_for(config)
+    g = torch.Generator().manual_seed(1234)
+    total = 0.0
+    with torch.no_grad():
+        x0 = model.model.process_latent_in(batch.latents)
+        for _ in range(4):
+            noised = objective.make(x0, torch.randn(x0.shape, generator=g), objective.sample_timesteps(x0, g))
+            total += weighted_mse(denoiser(noised.noisy, noised.timestep, batch.cond), noised).item()
+    return total / 4
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirely(comfy, family):
+    import folder_paths
+    from comfy import lora as comfy_lora
+    from comfy import model_management as mm
+    from comfy import utils as comfy_utils
+
+    objective, base_version, architecture, first_key = EXPECTED[family]
+    model = tiny_model(family)
+    encode = _pack_module(comfy, "LoraTrainerEncodeLatentsCache").encode
+    with torch.inference_mode():
+        encoded, _ = encode(_dataset(comfy, family), FamilyEncoders(family), f"cache_{family}")
+    lora, _, report = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=STEPS,
+                               learning_rate=2e-3, rank=8, alpha=0.0, targets="all-linear", objective="auto",
+                               batch_size=2, seed=0, name=f"tests/{family}")
+    assert lora.config["objective"] == objective, report
+    if objective == "flow":
+        assert lora.config["shift"] == model.model.model_sampling.shift
+    family_info = lora.family
+    assert family_info.base_model_version == base_version
+
+    # the loss at fixed probes falls: base model vs the same model with Apply LoRA's patches
+    config = TrainConfig.from_dict(lora.config)
+    batch = encoded.data.collate(list(range(4)), random.Random(0))
+    before = _probe_loss(comfy, model, batch, config, family_info.guidance)
+    (applied,) = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0)
+    after = _probe_loss(comfy, applied, batch, config, family_info.guidance)
+    assert after < 0.9 * before, f"{family}: probe loss {before:.4f} -> {after:.4f}"
+
+    (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name=f"tests/{family}", format="auto",
+                       precision="fp32")
+    sd, metadata = comfy_utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    assert metadata["ss_base_model_version"] == base_version
+    assert metadata["modelspec.architecture"] == architecture
+    assert any(k.startswith(first_key) for k in sd), sorted(sd)[:4]
+    if family_info.file_format == "diffusers":  # Qwen: lora_A/B with alpha baked in, no alpha keys
+        assert not any(k.endswith(".alpha") for k in sd) and all(".lora_A." in k or ".lora_B." in k for k in sd)
+    key_map = comfy_lora.model_lora_keys_unet(model.model, {})
+    patches = comfy_lora.load_lora(sd, key_map)
+    loaded = {k for k in sd for file_key, model_key in key_map.items()
+              if model_key in patches and k.startswith(file_key + ".")}
+    assert loaded == set(sd), f"not loaded: {sorted(set(sd) - loaded)[:5]}"
+    assert len(patches) == len(lora.layers)
+
+    # the stock loader's model from the file gives exactly Apply LoRA's output
+    name = f"tests/{family}.safetensors"
+    assert name in folder_paths.get_filename_list("loras")
+    (stock,) = run_node(comfy, "LoraLoaderModelOnly", model=model, lora_name=name, strength_model=1.0)
+    assert _probe_loss(comfy, stock, batch, config, family_info.guidance) == after
+    mm.unload_all_models()
+
+
+@pytest.mark.parametrize("family, inputs", [("SDXL", {"y"}), ("SD3", {"y"}), ("FLUX.1-dev", {"y", "guidance"}),
+                                            ("Qwen-Image-Edit", {"ref_latents"})])
+def test_the_family_conditioning_reaches_the_model(comfy, family, inputs):
+    """SDXL's pooled + size vector, SD3/FLUX's pooled vector, FLUX's guidance, the edit's reference latent."""
+    bridge = sys.modules[_pack_module(comfy, "LoraTrainerTrain").__package__ + ".bridge"]
+    model = tiny_model(family)
+    spec = TINY[family]
+    shape = (2, spec.latent_channels, *((1,) if spec.frames else ()), 8, 8)
+    noisy = torch.randn(shape)
+    cond = {name: torch.randn(2, *size) for name, size in spec.cond.items()}
+    if spec.edit:
+        cond["control"] = torch.randn(shape)
+    denoiser = bridge.ComfyDenoiser(model, guidance=1.0 if "guidance" in inputs else None)
+    assert inputs <= set(denoiser.model_inputs(noisy, cond))
+    out = denoiser(noisy, torch.full((2,), 0.5 if denoiser.prediction == "flow" else 500.0), cond)
+    assert out.shape == noisy.shape
+    if spec.edit:  # the reference latent changes the prediction
+        other = dict(cond, control=torch.randn(shape))
+        assert not torch.equal(out, denoiser(noisy, torch.full((2,), 0.5), other))
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_gradient_checkpointing_gives_the_same_lora_in_every_family(comfy, family):
+    model = tiny_model(family)
+    encode = _pack_module(comfy, "LoraTrainerEncodeLatentsCache").encode
+    with torch.inference_mode():
+        encoded, _ = encode(_dataset(comfy, family), FamilyEncoders(family), f"cache_{family}")
+    settings = dict(model=model, encoded=encoded, steps=2, learning_rate=1e-3, rank=4, alpha=0.0,
+                    targets="attention", objective="auto", batch_size=2, seed=0, name=f"tests/gc_{family}")
+    off, _, _ = run_node(comfy, "LoraTrainerTrain", gradient_checkpointing="off", **settings)
+    on, _, report = run_node(comfy, "LoraTrainerTrain", gradient_checkpointing="on", **settings)
+    assert "gradient checkpointing on" in report
+    for name, tensors in off.layers.items():
+        torch.testing.assert_close(on.layers[name].up, tensors.up, atol=1e-5, rtol=1e-4)
