@@ -31,7 +31,7 @@ _UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4,
              num_head_channels=16, num_heads=-1, legacy=False, use_temporal_attention=False,
              use_temporal_resblock=False)
 _FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=64,
-             mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000,
+             mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000,
              patch_size=2, qkv_bias=True)
 _QWEN = dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
              num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
@@ -53,15 +53,22 @@ TINY = {
 }
 
 
-def tiny_model(family: str, seed: int = 0):
-    """A ComfyUI MODEL (ModelPatcher) of ``family`` with random weights; ComfyUI must be importable."""
+# diffusers' kohya FLUX converter hard-codes FLUX.1's width (3072, MLP 12288): checking that a file loads there
+# needs the real width, at one double and one single block (0.5 G parameters).
+FLUX_FULL_WIDTH = Tiny("Flux", {**_FLUX, "guidance_embed": True, "hidden_size": 3072, "num_heads": 24,
+                                "axes_dim": [16, 56, 56]}, 16, {"context": (7, 64), "pooled": (32,)})
+
+
+def tiny_model(family: str | Tiny, seed: int = 0):
+    """A ComfyUI MODEL (ModelPatcher) of ``family`` (a TINY key, or a spec) with random weights; ComfyUI must
+    be importable."""
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
     import torch
 
-    spec = TINY[family]
+    spec = TINY[family] if isinstance(family, str) else family
     config = getattr(comfy.supported_models, spec.config_class)(dict(spec.unet_config))
     config.set_inference_dtype(torch.float32, None)
     with torch.random.fork_rng():

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from scripts.make_demo_assets import make_demo_dataset
-from scripts.tiny_families import TINY, tiny_model
+from scripts.tiny_families import FLUX_FULL_WIDTH, TINY, tiny_model
 from tests.comfy.conftest import run_node
 from training.config import TrainConfig
 from training.loop import objective_for
@@ -192,3 +192,84 @@ def test_gradient_checkpointing_gives_the_same_lora_in_every_family(comfy, famil
     assert "gradient checkpointing on" in report
     for name, tensors in off.layers.items():
         torch.testing.assert_close(on.layers[name].up, tensors.up, atol=1e-5, rtol=1e-4)
+
+
+def _diffusers_model(family: str):
+    """The diffusers model of the same tiny architecture as TINY[family], and its LoRA loader mixin."""
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, UNet2DConditionModel
+    from diffusers.loaders import lora_pipeline
+
+    torch.manual_seed(0)
+    unet = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+                cross_attention_dim=64)
+    if family == "SD15":
+        return UNet2DConditionModel(**unet, attention_head_dim=8), lora_pipeline.StableDiffusionLoraLoaderMixin
+    if family == "SDXL":
+        return (UNet2DConditionModel(**unet, attention_head_dim=(1, 2), use_linear_projection=True,
+                                     addition_embed_type="text_time", addition_time_embed_dim=256,
+                                     projection_class_embeddings_input_dim=32 + 6 * 256),
+                lora_pipeline.StableDiffusionXLLoraLoaderMixin)
+    if family == "FLUX.1-dev":  # FLUX_FULL_WIDTH
+        return (FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=64,
+                                       pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+                lora_pipeline.FluxLoraLoaderMixin)
+    return (QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                        attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64,
+                                        axes_dims_rope=(8, 12, 12)),
+            lora_pipeline.QwenImageLoraLoaderMixin)
+
+
+def _diffusers_output(family: str, model) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    context = torch.randn(1, 7, 64, generator=g)
+    with torch.no_grad():
+        if family in ("SD15", "SDXL"):
+            added = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+            return model(torch.randn(1, 4, 8, 8, generator=g), 500, context,
+                         added_cond_kwargs=added if family == "SDXL" else None).sample
+        if family == "FLUX.1-dev":
+            ids = torch.zeros(16, 3)
+            ids[:, 1], ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
+            return model(torch.randn(1, 16, 64, generator=g), context, torch.randn(1, 32, generator=g),
+                         torch.tensor([0.5]), ids, torch.zeros(7, 3), torch.tensor([1.0])).sample
+        return model(torch.randn(1, 16, 64, generator=g), context, torch.ones(1, 7, dtype=torch.bool),
+                     torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]]).sample
+
+
+@pytest.mark.parametrize("family", ["SD15", "SDXL", "FLUX.1-dev", "Qwen-Image"])
+def test_the_saved_file_loads_in_diffusers_with_every_key(comfy, family, caplog):
+    """The same file, through diffusers' own LoRA loader for that family, into the same tiny architecture."""
+    import diffusers.utils.logging
+
+    model = tiny_model(FLUX_FULL_WIDTH if family == "FLUX.1-dev" else family)
+    encode = _pack_module(comfy, "LoraTrainerEncodeLatentsCache").encode
+    with torch.inference_mode():
+        encoded, _ = encode(_dataset(comfy, family), FamilyEncoders(family), f"cache_{family}")
+    lora, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=2, learning_rate=1e-2,
+                          rank=4, alpha=2.0, targets="attention+mlp", objective="auto", batch_size=2, seed=0,
+                          name=f"tests/diffusers_{family}")
+    (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name=f"tests/diffusers_{family}", format="auto",
+                       precision="fp32")
+
+    target, loader = _diffusers_model(family)
+    before = _diffusers_output(family, target)
+    diffusers.utils.logging.enable_propagation()
+    with caplog.at_level("WARNING"):
+        loaded = loader.lora_state_dict(path, **({"unet_config": target.config} if family == "SDXL" else {}))
+        state_dict, alphas = loaded[:2] if isinstance(loaded, tuple) else (loaded, None)
+        if family in ("SD15", "SDXL"):
+            loader.load_lora_into_unet(state_dict, alphas, target)
+        elif family == "FLUX.1-dev":
+            loader.load_lora_into_transformer(state_dict, alphas, target)
+        else:
+            loader.load_lora_into_transformer(state_dict, target)
+    problems = [r.getMessage() for r in caplog.records if "key" in r.getMessage().lower()]
+    assert not problems, problems[:3]
+    adapted = {name for name, module in target.named_modules() if hasattr(module, "lora_A") and module.lora_A}
+    # FLUX's fused layers become several diffusers layers: qkv -> to_q/k/v, linear1 -> to_q/k/v + proj_mlp
+    expected = sum({"qkv": 3, "linear1": 4}.get(path.rsplit(".", 1)[-1], 1) for path in lora.layers)
+    assert len(adapted) == expected, (len(adapted), expected)
+    assert not torch.allclose(_diffusers_output(family, target), before)
+    del model, target
