@@ -9,6 +9,7 @@ seed/noise_seed an extra "control after generate" widget value, written here as 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import tempfile
@@ -24,49 +25,116 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_NAMES = ("seed", "noise_seed")
 
 
-def train_then_generate(*, ckpt: str, folder: str, resolution: int, steps: int, rank: int, lr: float, trigger: str,
-                        prompt: str, size: int, sample_steps: int, cfg: float, name: str, prefix: str) -> list[tuple]:
-    """(id, type, widget values by name, links {input: (source id, slot)}, column, row)."""
+def train_then_generate(*, ckpt: str | None = None, unet: str | None = None, clips: tuple[str, ...] = (),
+                        clip_type: str = "", vae: str = "", folder: str, resolution: int, steps: int, rank: int,
+                        lr: float, trigger: str, prompt: str, size: int, sample_steps: int, cfg: float, name: str,
+                        prefix: str, latent: str = "EmptyLatentImage", scheduler: str = "normal",
+                        flux_guidance: float | None = None, sampling_shift: float | None = None,
+                        edit_image: str | None = None) -> list[tuple]:
+    """(id, type, widget values by name, links {input: (source id, slot)}, column, row).
+
+    One checkpoint (``ckpt``), or a diffusion model with its text encoder(s) and VAE (``unet``, ``clips``,
+    ``vae``) as FLUX and Qwen-Image ship. FLUX's prompt goes through FluxGuidance; Qwen samples with
+    ModelSamplingAuraFlow's shift; Qwen-Image-Edit trains on edit pairs and edits ``edit_image``, sent
+    through TextEncodeQwenImageEdit as ComfyUI's own workflows do."""
     train = dict(steps=steps, learning_rate=lr, rank=rank, alpha=0.0, targets="attention", objective="auto",
                  batch_size=1, seed=0, name=name, lr_schedule="constant", warmup_steps=0, grad_accum=1,
                  timestep_sampling="logit_normal", min_snr_gamma=5.0, noise_offset=0.0, precision="auto",
-                 checkpoint_every=0, resume=False)
-    sampler = dict(seed=42, steps=sample_steps, cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0)
-    return [
-        (1, "CheckpointLoaderSimple", {"ckpt_name": ckpt}, {}, 0, 0),
+                 flux_guidance=1.0, gradient_checkpointing="auto", checkpoint_every=0, resume=False)
+    sampler = dict(seed=42, steps=sample_steps, cfg=cfg, sampler_name="euler", scheduler=scheduler, denoise=1.0)
+    edit = edit_image is not None
+    if ckpt is not None:
+        graph = [(1, "CheckpointLoaderSimple", {"ckpt_name": ckpt}, {}, 0, 0)]
+        model, clip, vae_out = (1, 0), (1, 1), (1, 2)
+    else:
+        clip_loader = ("DualCLIPLoader", {"clip_name1": clips[0], "clip_name2": clips[1]}) if len(clips) == 2 else \
+            ("CLIPLoader", {"clip_name": clips[0]})
+        graph = [(1, "UNETLoader", {"unet_name": unet, "weight_dtype": "default"}, {}, 0, 0),
+                 (18, clip_loader[0], {**clip_loader[1], "type": clip_type, "device": "default"}, {}, 0, 2),
+                 (19, "VAELoader", {"vae_name": vae}, {}, 0, 3)]
+        model, clip, vae_out = (1, 0), (18, 0), (19, 0)
+    graph += [
         (2, "LoraTrainerLoadDataset", dict(folder=folder, resolution=resolution, bucket_multiple=64, strict=True,
-                                           edit_pairs=False, random_crop=False, flip=False), {}, 0, 1),
+                                           edit_pairs=edit, random_crop=False, flip=False), {}, 0, 1),
         (3, "LoraTrainerCaptionDropout", dict(dropout=0.1, trigger_word=trigger, shuffle_tags=False, keep_tokens=1,
                                               shuffle_variants=4), {"dataset": (2, 0)}, 1, 1),
         (4, "LoraTrainerEncodeLatentsCache", {"cache_dir": "lora_trainer_cache"},
-         {"dataset": (3, 0), "vae": (1, 2), "clip": (1, 1)}, 2, 1),
-        (5, "LoraTrainerTrain", train, {"model": (1, 0), "encoded": (4, 0)}, 3, 0),
+         {"dataset": (3, 0), "vae": vae_out, "clip": clip}, 2, 1),
+        (5, "LoraTrainerTrain", train, {"model": model, "encoded": (4, 0)}, 3, 0),
         (6, "LoraTrainerSave", dict(name=name, format="auto", precision="fp32"), {"lora": (5, 0)}, 4, 0),
         (7, "SaveImage", {"filename_prefix": f"{prefix}/loss_curve"}, {"images": (5, 1)}, 4, 1),
-        (8, "LoraTrainerApply", {"strength": 1.0}, {"model": (1, 0), "lora": (5, 0)}, 4, 2),
-        (9, "CLIPTextEncode", {"text": prompt}, {"clip": (1, 1)}, 1, 3),
-        (10, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, 1, 4),
-        (11, "EmptyLatentImage", dict(width=size, height=size, batch_size=1), {}, 1, 5),
-        (12, "KSampler", sampler, {"model": (8, 0), "positive": (9, 0), "negative": (10, 0),
-                                   "latent_image": (11, 0)}, 5, 2),
-        (13, "VAEDecode", {}, {"samples": (12, 0), "vae": (1, 2)}, 6, 2),
-        (14, "SaveImage", {"filename_prefix": f"{prefix}/with_lora"}, {"images": (13, 0)}, 7, 2),
-        (15, "KSampler", sampler, {"model": (1, 0), "positive": (9, 0), "negative": (10, 0),
-                                   "latent_image": (11, 0)}, 5, 4),
-        (16, "VAEDecode", {}, {"samples": (15, 0), "vae": (1, 2)}, 6, 4),
-        (17, "SaveImage", {"filename_prefix": f"{prefix}/without_lora"}, {"images": (16, 0)}, 7, 4),
+        (8, "LoraTrainerApply", {"strength": 1.0}, {"model": model, "lora": (5, 0)}, 4, 2),
     ]
+    lora_model, base_model = (8, 0), model
+    if sampling_shift is not None:
+        graph += [(23, "ModelSamplingAuraFlow", {"shift": sampling_shift}, {"model": (8, 0)}, 5, 1),
+                  (24, "ModelSamplingAuraFlow", {"shift": sampling_shift}, {"model": model}, 5, 5)]
+        lora_model, base_model = (23, 0), (24, 0)
+    if edit:
+        graph += [(21, "LoadImage", {"image": edit_image}, {}, 0, 4),
+                  (22, "ImageScaleToTotalPixels", {"upscale_method": "lanczos", "megapixels": size * size / 2**20},
+                   {"image": (21, 0)}, 0, 5),
+                  (9, "TextEncodeQwenImageEdit", {"prompt": prompt}, {"clip": clip, "vae": vae_out, "image": (22, 0)},
+                   1, 3),
+                  (10, "TextEncodeQwenImageEdit", {"prompt": ""}, {"clip": clip, "vae": vae_out, "image": (22, 0)},
+                   1, 4),
+                  (11, "VAEEncode", {}, {"pixels": (22, 0), "vae": vae_out}, 1, 5)]
+    else:
+        graph += [(9, "CLIPTextEncode", {"text": prompt}, {"clip": clip}, 1, 3),
+                  (10, "CLIPTextEncode", {"text": ""}, {"clip": clip}, 1, 4),
+                  (11, latent, dict(width=size, height=size, batch_size=1), {}, 1, 5)]
+    positive = (9, 0)
+    if flux_guidance is not None:
+        graph.append((20, "FluxGuidance", {"guidance": flux_guidance}, {"conditioning": (9, 0)}, 2, 3))
+        positive = (20, 0)
+    graph += [
+        (12, "KSampler", sampler, {"model": lora_model, "positive": positive, "negative": (10, 0),
+                                   "latent_image": (11, 0)}, 6, 2),
+        (13, "VAEDecode", {}, {"samples": (12, 0), "vae": vae_out}, 7, 2),
+        (14, "SaveImage", {"filename_prefix": f"{prefix}/with_lora"}, {"images": (13, 0)}, 8, 2),
+        (15, "KSampler", sampler, {"model": base_model, "positive": positive, "negative": (10, 0),
+                                   "latent_image": (11, 0)}, 6, 4),
+        (16, "VAEDecode", {}, {"samples": (15, 0), "vae": vae_out}, 7, 4),
+        (17, "SaveImage", {"filename_prefix": f"{prefix}/without_lora"}, {"images": (16, 0)}, 8, 4),
+    ]
+    return sorted(graph, key=lambda node: node[0])
 
 
+YOURS = dict(folder="my_dataset", trigger="", prompt="a photo in the style of my dataset", prefix="lora_trainer")
 WORKFLOWS = {
     "demo_tiny_sd15": train_then_generate(
         ckpt="tiny_sd15.safetensors", folder="lora_trainer_demo/rings", resolution=256, steps=30, rank=8, lr=1e-3,
         trigger="zkx", prompt="zkx pattern", size=256, sample_steps=4, cfg=4.0, name="lora_trainer/demo_zkx",
         prefix="lora_trainer_demo"),
     "sd15_train_then_generate": train_then_generate(
-        ckpt="v1-5-pruned-emaonly.safetensors", folder="my_dataset", resolution=512, steps=1000, rank=16, lr=1e-4,
-        trigger="", prompt="a photo in the style of my dataset", size=512, sample_steps=20, cfg=7.0,
-        name="lora_trainer/my_sd15_lora", prefix="lora_trainer"),
+        ckpt="v1-5-pruned-emaonly.safetensors", resolution=512, steps=1000, rank=16, lr=1e-4, size=512,
+        sample_steps=20, cfg=7.0, name="lora_trainer/my_sd15_lora", **YOURS),
+    "sd2_v_train_then_generate": train_then_generate(
+        ckpt="v2-1_768-ema-pruned.safetensors", resolution=768, steps=1000, rank=16, lr=1e-4, size=768,
+        sample_steps=20, cfg=7.0, name="lora_trainer/my_sd2_lora", **YOURS),
+    "sdxl_train_then_generate": train_then_generate(
+        ckpt="sd_xl_base_1.0.safetensors", resolution=1024, steps=1500, rank=16, lr=1e-4, size=1024,
+        sample_steps=25, cfg=7.0, name="lora_trainer/my_sdxl_lora", **YOURS),
+    "sd3_train_then_generate": train_then_generate(
+        ckpt="sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", resolution=1024, steps=1500, rank=16, lr=1e-4,
+        size=1024, sample_steps=28, cfg=4.5, latent="EmptySD3LatentImage", scheduler="sgm_uniform",
+        name="lora_trainer/my_sd3_lora", **YOURS),
+    "flux_dev_train_then_generate": train_then_generate(
+        unet="flux1-dev.safetensors", clips=("clip_l.safetensors", "t5xxl_fp16.safetensors"), clip_type="flux",
+        vae="ae.safetensors", resolution=1024, steps=1500, rank=16, lr=1e-4, size=1024, sample_steps=20, cfg=1.0,
+        latent="EmptySD3LatentImage", scheduler="simple", flux_guidance=3.5, name="lora_trainer/my_flux_lora",
+        **YOURS),
+    "qwen_image_train_then_generate": train_then_generate(
+        unet="qwen_image_fp8_e4m3fn.safetensors", clips=("qwen_2.5_vl_7b_fp8_scaled.safetensors",),
+        clip_type="qwen_image", vae="qwen_image_vae.safetensors", resolution=1024, steps=1500, rank=16, lr=1e-4,
+        size=1024, sample_steps=20, cfg=2.5, latent="EmptySD3LatentImage", scheduler="simple", sampling_shift=3.1,
+        name="lora_trainer/my_qwen_image_lora", **YOURS),
+    "qwen_image_edit_train_then_generate": train_then_generate(
+        unet="qwen_image_edit_fp8_e4m3fn.safetensors", clips=("qwen_2.5_vl_7b_fp8_scaled.safetensors",),
+        clip_type="qwen_image", vae="qwen_image_vae.safetensors", resolution=1024, steps=1500, rank=16, lr=1e-4,
+        size=1024, sample_steps=20, cfg=2.5, scheduler="simple", sampling_shift=3.1, edit_image="example.png",
+        name="lora_trainer/my_qwen_edit_lora",
+        **{**YOURS, "folder": "my_edit_pairs", "prompt": "apply the edit you trained"}),
 }
 
 
@@ -129,6 +197,7 @@ def _slot_of(graph, classes, node_id, name) -> int:
 
 def main() -> None:
     nodes = load_comfy(comfy_root(), Path(tempfile.mkdtemp(prefix="workflows_")))
+    asyncio.run(nodes.init_builtin_extra_nodes())  # FluxGuidance, EmptySD3LatentImage, the Qwen edit encoder
     folder = REPO_ROOT / "workflows"
     folder.mkdir(exist_ok=True)
     for name, graph in WORKFLOWS.items():

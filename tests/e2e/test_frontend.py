@@ -65,6 +65,22 @@ def test_demo_workflow_opens_with_no_missing_nodes(page):
     assert SCREENSHOT.stat().st_size > 10_000
 
 
+UI_WORKFLOWS = sorted(p for p in (REPO_ROOT / "workflows").glob("*.json") if not p.stem.endswith("_api"))
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+def test_every_shipped_workflow_opens_with_no_missing_nodes(page, path):
+    workflow = json.loads(path.read_text())
+    page.evaluate("async (w) => { await window.app.loadGraphData(w); }", workflow)
+    page.wait_for_timeout(800)
+    types = page.evaluate("window.app.graph._nodes.map(n => n.type)")
+    assert sorted(types) == sorted(n["type"] for n in workflow["nodes"])
+    assert set(types) <= set(page.evaluate("Object.keys(LiteGraph.registered_node_types)"))
+    assert not page.locator("text=Missing Node Types").count()
+    screenshot = SCREENSHOT.parent / f"frontend_{path.stem}.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+
+
 def test_our_nodes_show_display_names_and_tooltips(page):
     titles = page.evaluate("(ids) => ids.map(id => LiteGraph.registered_node_types[id].title)", list(OURS))
     assert titles == list(OURS.values())
