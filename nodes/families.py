@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 import comfy.model_sampling
 import comfy.utils
 
+from ..training.lora import ALL_LINEAR
+
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 SD_ATTENTION_MLP = (*ATTENTION, "ff.net.0.proj", "ff.net.2")
 PRESETS = ("attention", "attention+mlp", "all-linear")
-ALL_LINEAR = "all-linear"  # training.lora.ALL_LINEAR: every Linear layer
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ of that family return it (sequence ``context``, optional ``pooled``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,6 @@ class Tiny:
     model_type: str | None = None  # force a comfy.model_base.ModelType (SD2 v-prediction)
     edit: bool = False  # trained on edit pairs (reference latents)
     frames: bool = False  # latents carry a time axis, [C, 1, h, w] (Qwen's Wan VAE), as ComfyUI's VAE gives them
-    extra: dict = field(default_factory=dict)
 
 
 _UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1],
@@ -73,9 +72,8 @@ def tiny_model(family: str | Tiny, seed: int = 0):
     config.set_inference_dtype(torch.float32, None)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        if spec.model_type is not None:
-            model_class = {"SD20": comfy.model_base.BaseModel}[spec.config_class]
-            base = model_class(config, model_type=getattr(comfy.model_base.ModelType, spec.model_type))
+        if spec.model_type is not None:  # what SD20.get_model builds, with the prediction type given
+            base = comfy.model_base.BaseModel(config, model_type=getattr(comfy.model_base.ModelType, spec.model_type))
         else:
             base = config.get_model({})
         _randomize(base.diffusion_model)

@@ -130,15 +130,12 @@ def encode_dataset(samples: Sequence[Sample], encoders: Encoders, cache_dir: str
         bucket = nearest_bucket(*image.size, buckets)
         crop_rng = random.Random(rng.random())
         transform = {"bucket": bucket, "random_crop": settings.random_crop, "seed": settings.seed}
-        latent, flipped, size = _encode_image(cache, encoders, sample.image, image, transform, settings.flip,
-                                              crop_rng)
+        latent, flipped, size, _ = _encode_image(cache, encoders, sample.image, image, transform, settings.flip,
+                                                 crop_rng)
         control = seen = empty = None
-        if sample.control is not None:
-            control_image = load_image(sample.control)
-            control, _, _ = _encode_image(cache, encoders, sample.control, control_image, transform, False,
-                                          random.Random(rng.random()))
-            pixels, _ = resize_and_crop(control_image, transform["bucket"], random_crop=False)
-            seen = (hashlib.sha256(sample.control.read_bytes()).hexdigest(), image_to_tensor(pixels).unsqueeze(0))
+        if sample.control is not None:  # the text encoder sees the control crop its reference latent is made of
+            control, _, _, seen = _encode_image(cache, encoders, sample.control, load_image(sample.control),
+                                                transform, False, random.Random(rng.random()))
             empty = _encode_text(cache, encoders, "", seen)
         variants = policy.variants(sample.caption, settings.caption_variants, seed=settings.seed + number)
         texts = tuple(_encode_text(cache, encoders, caption, seen) for caption in variants)
@@ -151,7 +148,9 @@ def encode_dataset(samples: Sequence[Sample], encoders: Encoders, cache_dir: str
 
 
 def _encode_image(cache: _Cache, encoders: Encoders, path: Path, image, transform: Mapping[str, object],
-                  flip: bool, crop_rng: random.Random) -> tuple[Path, Path | None, tuple[int, int]]:
+                  flip: bool, crop_rng: random.Random
+                  ) -> tuple[Path, Path | None, tuple[int, int], tuple[dict, torch.Tensor]]:
+    """(latent file, flipped latent file, latent size, (cache key: image hash + transform, the crop encoded))."""
     key = {"image": hashlib.sha256(path.read_bytes()).hexdigest(), **transform}
     cropped, (top, left) = resize_and_crop(image, transform["bucket"], random_crop=bool(transform["random_crop"]),
                                            rng=crop_rng)
@@ -167,12 +166,12 @@ def _encode_image(cache: _Cache, encoders: Encoders, path: Path, image, transfor
 
         paths.append(cache.entry("latents", {**key, "flip": flipped}, make))
     size = tuple(load_file(paths[0])["latent"].shape[-2:])
-    return paths[0], paths[1] if flip else None, size
+    return paths[0], paths[1] if flip else None, size, (key, pixels)
 
 
 def _encode_text(cache: _Cache, encoders: Encoders, caption: str,
-                 image: tuple[str, torch.Tensor] | None = None) -> Path:
-    """``image``: (hash, pixels) of the control image the text encoder also sees (edit pairs)."""
+                 image: tuple[dict, torch.Tensor] | None = None) -> Path:
+    """``image``: (cache key, pixels) of the control crop the text encoder also sees (edit pairs)."""
     def make() -> dict[str, torch.Tensor]:
         cache.stats.encoded_texts += 1
         out = encoders.encode_text(caption, image[1]) if image is not None else encoders.encode_text(caption)

@@ -194,7 +194,8 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
             result.cancelled = True
             break
         except torch.OutOfMemoryError:
-            if checkpointing or config.gradient_checkpointing != "auto" or not hasattr(denoiser, "set_gradient_checkpointing"):
+            can_retry = config.gradient_checkpointing == "auto" and hasattr(denoiser, "set_gradient_checkpointing")
+            if checkpointing or not can_retry:
                 raise
             optimizer.zero_grad(set_to_none=True)  # the step is redone, same batch and noise, with less memory
             checkpointing = True

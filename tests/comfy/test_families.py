@@ -88,11 +88,15 @@ def _pack_module(comfy, node_id: str):
     return sys.modules[comfy.NODE_CLASS_MAPPINGS[node_id].__module__]
 
 
+def _bridge(comfy):
+    return sys.modules[_pack_module(comfy, "LoraTrainerTrain").__package__ + ".bridge"]
+
+
 def _probe_loss(comfy, model, batch, config, guidance):
     """Denoising loss at fixed (noise, σ) probes, with ``model`` loaded (and patched) the way ComfyUI does."""
     from comfy import model_management as mm
 
-    bridge = sys.modules[_pack_module(comfy, "LoraTrainerTrain").__package__ + ".bridge"]
+    bridge = _bridge(comfy)
     mm.load_models_gpu([model], force_full_load=True)
     denoiser = bridge.ComfyDenoiser(model, guidance=guidance)
     objective = objective_for(config)
@@ -162,7 +166,7 @@ def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirel
                                             ("Qwen-Image-Edit", {"ref_latents"})])
 def test_the_family_conditioning_reaches_the_model(comfy, family, inputs):
     """SDXL's pooled + size vector, SD3/FLUX's pooled vector, FLUX's guidance, the edit's reference latent."""
-    bridge = sys.modules[_pack_module(comfy, "LoraTrainerTrain").__package__ + ".bridge"]
+    bridge = _bridge(comfy)
     model = tiny_model(family)
     spec = TINY[family]
     shape = (2, spec.latent_channels, *((1,) if spec.frames else ()), 8, 8)
