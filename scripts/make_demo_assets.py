@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -230,6 +230,19 @@ def make_demo_dataset(folder: Path | str, count: int = 8, size: int = 256, seed:
         image_path.with_suffix(".txt").write_text(f"zkx pattern, {words}\n")
         written.append(image_path)
     return written
+
+
+def make_edit_pairs(folder: Path | str, count: int = 4, size: int = 64, seed: int = 1,
+                    instruction: str = "zkx, invert the colours") -> list[Path]:
+    """Edit pairs for Load LoRA Dataset's ``edit_pairs``: ring images as targets, their colour negatives in
+    ``control/`` under the same names, and ``instruction`` as every caption."""
+    folder = Path(folder)
+    targets = make_demo_dataset(folder, count=count, size=size, seed=seed)
+    (folder / "control").mkdir(exist_ok=True)
+    for image in targets:
+        ImageOps.invert(Image.open(image).convert("RGB")).save(folder / "control" / image.name)
+        image.with_suffix(".txt").write_text(instruction)
+    return targets
 
 
 def main(argv: list[str] | None = None) -> int:

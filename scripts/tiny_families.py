@@ -1,11 +1,14 @@
-"""Tiny random-weight models of every family, built in-process from ComfyUI's own model classes.
+"""Tiny random-weight models of every family, with their text encoders and VAE, built in-process from
+ComfyUI's own classes.
 
-ComfyUI's file detection fixes the widths of most flow models (FLUX: hidden 3072), so these are made the way
-ComfyUI's loaders make a model after detection: ``supported_models.<Family>(unet_config).get_model()`` wrapped
-in a ``ModelPatcher``. The architecture, the conditioning it takes (pooled text, SDXL size embedding, FLUX
-guidance, Qwen reference latents), its ``model_sampling`` and its LoRA key map are ComfyUI's; only the widths
-are small. ``TINY[family].cond`` gives the shapes of one caption's conditioning, as ComfyUI's text encoders
-of that family return it (sequence ``context``, optional ``pooled``).
+ComfyUI's file detection fixes the widths of most flow models (FLUX: hidden 3072) and of every text encoder,
+so these are made the way ComfyUI's loaders make them after detection: the diffusion model is
+``supported_models.<Family>(unet_config).get_model()`` in a ``ModelPatcher``; the CLIP is ``comfy.sd.CLIP`` of
+the family's own ``clip_target`` (CLIP-L/G, T5, Qwen2.5-VL, with their tokenizers, layer choices, pooling and
+padding), made small through ComfyUI's ``<encoder>_model_config`` option; the VAE is ``comfy.sd.VAE`` of a
+state dict its detection reads (SD's 4- or 16-channel autoencoder, Qwen's Wan 2.1 VAE at a small width).
+The architectures, the conditioning (pooled text, SDXL size embedding, FLUX guidance, Qwen reference latents),
+``model_sampling`` and the LoRA key maps are ComfyUI's; only the widths are small.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ class Tiny:
     config_class: str  # comfy.supported_models class
     unet_config: dict
     latent_channels: int
-    cond: dict[str, tuple[int, ...]]  # one caption's conditioning: name -> shape
+    encoders: dict[str, dict]  # text encoder -> its config overrides (ComfyUI's "<name>_model_config" option)
     model_type: str | None = None  # force a comfy.model_base.ModelType (SD2 v-prediction)
     edit: bool = False  # trained on edit pairs (reference latents)
     frames: bool = False  # latents carry a time axis, [C, 1, h, w] (Qwen's Wan VAE), as ComfyUI's VAE gives them
+    checkpoint_encoders: tuple[str, ...] = ()  # the encoders a checkpoint holds, where the CLIP target asks (SD3)
 
 
 _UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1],
@@ -35,27 +39,38 @@ _FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32,
 _QWEN = dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
              num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
 
+def _clip(width: int, projection: int) -> dict:
+    return dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=2, num_hidden_layers=3,
+                projection_dim=projection)
+
+
+_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_heads=2, num_layers=2)
+_QWEN_TE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1)
+# context 64 wide: CLIP-L alone (SD1), CLIP-H (SD2), CLIP-L + CLIP-G side by side (SDXL), T5 (FLUX), Qwen2.5-VL;
+# pooled 32: CLIP-G's projection (SDXL), CLIP-L's (FLUX), both (SD3: 64). SD3 pads CLIP to T5's 4096 width.
 TINY = {
-    "SD15": Tiny("SD15", {**_UNET, "context_dim": 64, "use_linear_in_transformer": False}, 4, {"context": (7, 64)}),
-    "SD2-v": Tiny("SD20", {**_UNET, "context_dim": 64, "use_linear_in_transformer": True}, 4, {"context": (7, 64)},
-                  model_type="V_PREDICTION"),
+    "SD15": Tiny("SD15", {**_UNET, "context_dim": 64, "use_linear_in_transformer": False}, 4,
+                 {"clip_l": _clip(64, 64)}),
+    "SD2-v": Tiny("SD20", {**_UNET, "context_dim": 64, "use_linear_in_transformer": True}, 4,
+                  {"clip_h": _clip(64, 64)}, model_type="V_PREDICTION"),
     "SDXL": Tiny("SDXL", {**_UNET, "context_dim": 64, "use_linear_in_transformer": True, "num_classes": "sequential",
-                          "adm_in_channels": 32 + 6 * 256}, 4, {"context": (7, 64), "pooled": (32,)}),
-    "SD3": Tiny("SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=32,
+                          "adm_in_channels": 32 + 6 * 256}, 4, {"clip_l": _clip(32, 32), "clip_g": _clip(32, 32)}),
+    "SD3": Tiny("SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=64,
                             pos_embed_max_size=32, num_patches=1024, input_size=None, pos_embed_scaling_factor=None,
                             context_embedder_config={"target": "torch.nn.Linear",
-                                                     "params": {"in_features": 64, "out_features": 128}}),
-                16, {"context": (7, 64), "pooled": (32,)}),
-    "FLUX.1-dev": Tiny("Flux", {**_FLUX, "guidance_embed": True}, 16, {"context": (7, 64), "pooled": (32,)}),
-    "Qwen-Image": Tiny("QwenImage", _QWEN, 16, {"context": (7, 64)}, frames=True),
-    "Qwen-Image-Edit": Tiny("QwenImage", _QWEN, 16, {"context": (7, 64)}, edit=True, frames=True),
+                                                     "params": {"in_features": 4096, "out_features": 128}}),
+                16, {"clip_l": _clip(32, 32), "clip_g": _clip(32, 32)}, checkpoint_encoders=("clip_l", "clip_g")),
+    "FLUX.1-dev": Tiny("Flux", {**_FLUX, "guidance_embed": True}, 16, {"clip_l": _clip(32, 32), "t5xxl": _T5}),
+    "Qwen-Image": Tiny("QwenImage", _QWEN, 16, {"qwen25_7b": _QWEN_TE}, frames=True),
+    "Qwen-Image-Edit": Tiny("QwenImage", _QWEN, 16, {"qwen25_7b": _QWEN_TE}, edit=True, frames=True),
 }
 
 
 # diffusers' kohya FLUX converter hard-codes FLUX.1's width (3072, MLP 12288): checking that a file loads there
 # needs the real width, at one double and one single block (0.5 G parameters).
 FLUX_FULL_WIDTH = Tiny("Flux", {**_FLUX, "guidance_embed": True, "hidden_size": 3072, "num_heads": 24,
-                                "axes_dim": [16, 56, 56]}, 16, {"context": (7, 64), "pooled": (32,)})
+                                "axes_dim": [16, 56, 56]}, 16, TINY["FLUX.1-dev"].encoders)
 
 
 def tiny_model(family: str | Tiny, seed: int = 0):
@@ -82,6 +97,58 @@ def tiny_model(family: str | Tiny, seed: int = 0):
                                             offload_device=mm.unet_offload_device())
 
 
+def tiny_clip(family: str, seed: int = 0):
+    """A ComfyUI CLIP of ``family``'s text encoders (its ``clip_target``), small, with random weights."""
+    import comfy.sd
+    import comfy.supported_models
+    import torch
+
+    spec = TINY[family]
+    config = getattr(comfy.supported_models, spec.config_class)(dict(spec.unet_config))
+    prefix = config.text_encoder_key_prefix[0]
+    target = config.clip_target({f"{prefix}{name}.transformer.text_model.final_layer_norm.weight": None
+                                 for name in spec.checkpoint_encoders})
+    clip = comfy.sd.CLIP(target, model_options={f"{name}_model_config": dict(overrides)
+                                                for name, overrides in spec.encoders.items()})
+    encoder = clip.cond_stage_model
+    if "qwen25_7b" in spec.encoders:  # Qwen2.5-VL's vision tower has no config option: swap in a small one
+        from comfy.text_encoders.qwen_vl import Qwen2VLVisionTransformer
+
+        language = encoder.qwen25_7b.transformer
+        language.visual = Qwen2VLVisionTransformer(
+            hidden_size=32, output_hidden_size=spec.encoders["qwen25_7b"]["hidden_size"], intermediate_size=64,
+            num_heads=2, num_layers=2, dtype=language.dtype, ops=encoder.qwen25_7b.operations)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        _randomize(encoder)
+    return clip
+
+
+def tiny_vae(family: str, seed: int = 0):
+    """A ComfyUI VAE that ComfyUI's own detection builds from a state dict: the SD autoencoder with the
+    family's latent channels (4, or 16 for SD3/FLUX), or Qwen-Image's Wan 2.1 VAE at a small width."""
+    import comfy.sd
+    import torch
+
+    spec = TINY[family]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if spec.frames:
+            from comfy.ldm.wan.vae import WanVAE
+
+            model = WanVAE(dim=16, z_dim=spec.latent_channels, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                           attn_scales=[], temperal_downsample=[False, True, True])
+        else:
+            from comfy.ldm.models.autoencoder import AutoencoderKL
+
+            from scripts.make_demo_assets import SD_VAE_DDCONFIG
+
+            channels = spec.latent_channels
+            model = AutoencoderKL(ddconfig={**SD_VAE_DDCONFIG, "z_channels": channels}, embed_dim=channels)
+        _randomize(model)
+    return comfy.sd.VAE(sd=model.state_dict())
+
+
 def _randomize(module) -> None:
     """ComfyUI's ops leave weights uninitialised (checkpoints overwrite them): give layers torch's default
     init, norms ones and zeros, and every other tensor (embeddings, modulation tables) small random values.
@@ -99,4 +166,4 @@ def _randomize(module) -> None:
                 base.reset_parameters(sub)
             elif "norm" in type(sub).__name__.lower():
                 for name, param in sub.named_parameters(recurse=False):
-                    param.fill_(1.0 if name in ("weight", "scale") else 0.0)
+                    param.fill_(1.0 if name in ("weight", "scale", "gamma") else 0.0)

@@ -1,87 +1,54 @@
 """Every family through the nodes, on tiny models built from ComfyUI's own classes (scripts/tiny_families.py):
-Train LoRA picks the family's objective and learns, Save LoRA writes the family's portable format with its
-metadata, ComfyUI's own key map loads every tensor of the file, and the stock loader's patched model equals
-Apply LoRA's.
-
-The latents and text encodings come from encoders with each family's output structure (latent channels, a
-caption's token sequence, pooled vector; Qwen-Image-Edit's encoder also sees the control image), fed through
-the pack's own cache code; the tiny models' encoders are not ComfyUI's VAE/CLIP classes.
+Encode Latents Cache runs the family's own ComfyUI text encoders (CLIP-L/H/G, T5, Qwen2.5-VL, small) and VAE
+(SD's autoencoder, Qwen's Wan VAE), Train LoRA picks the family's objective and learns, Save LoRA writes the
+family's portable format with its metadata, ComfyUI's own key map loads every tensor of the file, and the stock
+loader's patched model equals Apply LoRA's.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import sys
 
 import pytest
 import torch
-from PIL import Image, ImageOps
 
-from scripts.make_demo_assets import make_demo_dataset
-from scripts.tiny_families import FLUX_FULL_WIDTH, TINY, tiny_model
+from scripts.make_demo_assets import make_demo_dataset, make_edit_pairs
+from scripts.tiny_families import FLUX_FULL_WIDTH, TINY, tiny_clip, tiny_model, tiny_vae
 from tests.comfy.conftest import run_node
+from tests.families import EXPECTED
 from training.config import TrainConfig
 from training.loop import objective_for
 from training.objectives import weighted_mse
 
-EXPECTED = {  # family: objective, ss_base_model_version, modelspec.architecture, first key of the file
-    "SD15": ("ddpm-eps", "sd_v1", "stable-diffusion-v1/lora", "lora_unet_down_blocks_0_attentions_0_"),
-    "SD2-v": ("ddpm-v", "sd_v2", "stable-diffusion-v2-768-v/lora", "lora_unet_down_blocks_0_attentions_0_"),
-    "SDXL": ("ddpm-eps", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "lora_unet_input_blocks_1_1_"),
-    "SD3": ("flow", "sd3", "stable-diffusion-v3-medium/lora", "lora_unet_joint_blocks_0_context_block_attn_"),
-    "FLUX.1-dev": ("flow", "flux1", "flux-1-dev/lora", "lora_unet_double_blocks_0_img_attn_"),
-    "Qwen-Image": ("flow", "qwen_image", "Qwen-Image/lora", "diffusion_model.transformer_blocks.0.attn."),
-    "Qwen-Image-Edit": ("flow", "qwen_image_edit", "Qwen-Image-Edit/lora",
-                        "diffusion_model.transformer_blocks.0.attn."),
-}
 STEPS = 50
 
 
-class FamilyEncoders:
-    """The engine's Encoders with a family's output structure: latents of its channel count (8× average pool
-    and a fixed channel mix), a caption as a fixed-length token sequence and a pooled vector of its widths.
-    With a control image (edit pairs) the image's colour is added to the tokens, as a VL encoder sees it."""
-
-    latent_multiple = 8
-
-    def __init__(self, family: str):
-        spec = TINY[family]
-        self.identity, self.frames = f"tiny-{family}", spec.frames
-        g = torch.Generator().manual_seed(0)
-        self.mix = torch.randn(spec.latent_channels, 3, generator=g)
-        self.length, width = spec.cond["context"]
-        self.words = torch.randn(64, width, generator=g)
-        self.pooled = torch.randn(width, spec.cond["pooled"][0], generator=g) / width**0.5 if "pooled" in spec.cond \
-            else None
-
-    def encode_image(self, pixels):
-        latent = torch.einsum("oc,chw->ohw", self.mix, torch.nn.functional.avg_pool2d(pixels, 8)[0])
-        return latent.unsqueeze(1) if self.frames else latent
-
-    def encode_text(self, caption, image=None):
-        ids = ([sum(map(ord, w)) % 63 + 1 for w in caption.split()] + [0] * self.length)[:self.length]
-        context = self.words[ids]
-        if image is not None:
-            context = context + image.mean(dim=(0, 2, 3)).repeat(context.shape[1])[:context.shape[1]]
-        out = {"context": context}
-        if self.pooled is not None:
-            out["pooled"] = context.mean(dim=0) @ self.pooled
-        return out
+@functools.cache
+def _encoders(family: str) -> tuple:
+    """(CLIP, VAE) of the family, tiny, made once per module."""
+    return tiny_clip(family), tiny_vae(family)
 
 
-def _dataset(comfy, family: str):
+@pytest.fixture(scope="module", autouse=True)
+def _free_encoders():
+    yield
+    _encoders.cache_clear()  # before interpreter exit, where ComfyUI's patchers cannot be torn down
+
+
+def _encoded(comfy, family: str):
+    """The family's tiny dataset through Load LoRA Dataset and Encode Latents Cache with its CLIP and VAE."""
     folder = comfy.base / "input" / f"family_{family}"
-    if not folder.exists():
-        images = make_demo_dataset(folder, count=4, size=64, seed=1)
-        if TINY[family].edit:  # the control image is the target's negative; the caption says so
-            (folder / "control").mkdir()
-            for image in images:
-                ImageOps.invert(Image.open(image).convert("RGB")).save(folder / "control" / image.name)
-                image.with_suffix(".txt").write_text("zkx, invert the colours")
+    if not folder.exists():  # edit pairs: the control image is the target's negative; the caption says so
+        (make_edit_pairs if TINY[family].edit else make_demo_dataset)(folder, count=4, size=64, seed=1)
     dataset, report = run_node(comfy, "LoraTrainerLoadDataset", folder=folder.name, resolution=64, bucket_multiple=64,
                                strict=True, edit_pairs=TINY[family].edit, random_crop=False, flip=False)
     assert "4 images" in report
-    return dataset
+    clip, vae = _encoders(family)
+    encoded, _ = run_node(comfy, "LoraTrainerEncodeLatentsCache", dataset=dataset, vae=vae, clip=clip,
+                          cache_dir=f"cache_{family}")
+    return encoded
 
 
 def _pack_module(comfy, node_id: str):
@@ -119,9 +86,7 @@ def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirel
 
     objective, base_version, architecture, first_key = EXPECTED[family]
     model = tiny_model(family)
-    encode = _pack_module(comfy, "LoraTrainerEncodeLatentsCache").encode
-    with torch.inference_mode():
-        encoded, _ = encode(_dataset(comfy, family), FamilyEncoders(family), f"cache_{family}")
+    encoded = _encoded(comfy, family)
     lora, _, report = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=STEPS,
                                learning_rate=2e-3, rank=8, alpha=0.0, targets="all-linear", objective="auto",
                                batch_size=2, seed=0, name=f"tests/{family}")
@@ -171,7 +136,10 @@ def test_the_family_conditioning_reaches_the_model(comfy, family, inputs):
     spec = TINY[family]
     shape = (2, spec.latent_channels, *((1,) if spec.frames else ()), 8, 8)
     noisy = torch.randn(shape)
-    cond = {name: torch.randn(2, *size) for name, size in spec.cond.items()}
+    encoders = bridge.ComfyEncoders(*reversed(_encoders(family)))
+    with torch.inference_mode():
+        text = encoders.encode_text("zkx pattern")
+    cond = {name: torch.stack([value, value]).clone() for name, value in text.items()}
     if spec.edit:
         cond["control"] = torch.randn(shape)
     denoiser = bridge.ComfyDenoiser(model, guidance=1.0 if "guidance" in inputs else None)
@@ -186,9 +154,7 @@ def test_the_family_conditioning_reaches_the_model(comfy, family, inputs):
 @pytest.mark.parametrize("family", list(TINY))
 def test_gradient_checkpointing_gives_the_same_lora_in_every_family(comfy, family):
     model = tiny_model(family)
-    encode = _pack_module(comfy, "LoraTrainerEncodeLatentsCache").encode
-    with torch.inference_mode():
-        encoded, _ = encode(_dataset(comfy, family), FamilyEncoders(family), f"cache_{family}")
+    encoded = _encoded(comfy, family)
     settings = dict(model=model, encoded=encoded, steps=2, learning_rate=1e-3, rank=4, alpha=0.0,
                     targets="attention", objective="auto", batch_size=2, seed=0, name=f"tests/gc_{family}")
     off, _, _ = run_node(comfy, "LoraTrainerTrain", gradient_checkpointing="off", **settings)
@@ -248,9 +214,7 @@ def test_the_saved_file_loads_in_diffusers_with_every_key(comfy, family, caplog)
     import diffusers.utils.logging
 
     model = tiny_model(FLUX_FULL_WIDTH if family == "FLUX.1-dev" else family)
-    encode = _pack_module(comfy, "LoraTrainerEncodeLatentsCache").encode
-    with torch.inference_mode():
-        encoded, _ = encode(_dataset(comfy, family), FamilyEncoders(family), f"cache_{family}")
+    encoded = _encoded(comfy, family)
     lora, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=2, learning_rate=1e-2,
                           rank=4, alpha=2.0, targets="attention+mlp", objective="auto", batch_size=2, seed=0,
                           name=f"tests/diffusers_{family}")
