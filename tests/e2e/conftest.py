@@ -81,9 +81,11 @@ def tiny_sd15_name() -> str:
 def comfy_base_dir(
     tmp_path_factory: pytest.TempPathFactory, comfy_root: Path, tiny_sd15_checkpoint: Path
 ) -> Path:
-    """An isolated ComfyUI base directory with the tiny checkpoint in models/checkpoints."""
+    """An isolated ComfyUI base directory with the tiny checkpoint in models/checkpoints and the test-only
+    Tiny Family Loader node (tests/tiny_family_node) in custom_nodes."""
     base = comfy_host.prepare_base_dir(comfy_root, tmp_path_factory.mktemp("comfy_base"))
     (base / "models" / "checkpoints" / TINY_CKPT_NAME).symlink_to(tiny_sd15_checkpoint)
+    (base / "custom_nodes" / "lora_trainer_tiny_families").symlink_to(Path(__file__).parents[1] / "tiny_family_node")
     return base
 
 

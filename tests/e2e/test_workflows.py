@@ -1,16 +1,23 @@
 """The shipped workflows against the live server: every node exists, every link type-checks against
-/object_info, the UI and API twins agree, and the demo runs end to end through POST /prompt."""
+/object_info, the UI and API twins agree, the demo runs end to end through POST /prompt, and so does every
+family's workflow, with its loaders swapped for the test server's Tiny Family Loader."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
+from safetensors import safe_open
 
 from scripts.demo import LORA_NAME, TRAIN_NODE, run_prompt
-from scripts.make_demo_assets import make_demo_dataset
+from scripts.make_demo_assets import make_demo_dataset, make_edit_pairs
+from scripts.tiny_families import TINY
+from tests.families import EXPECTED
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json") if not p.stem.endswith("_api"))
@@ -102,3 +109,73 @@ def test_the_demo_workflow_runs_through_the_api(comfy_server, comfy_base_dir, ob
     assert (comfy_base_dir / "models" / "loras" / LORA_NAME).is_file()
     listed = requests.get(f"{comfy_server.url}/object_info/LoraLoader", timeout=30).json()
     assert LORA_NAME in listed["LoraLoader"]["input"]["required"]["lora_name"][0]
+
+
+FAMILY_WORKFLOWS = {"sd15": "SD15", "sd2_v": "SD2-v", "sdxl": "SDXL", "sd3": "SD3", "flux_dev": "FLUX.1-dev",
+                    "qwen_image": "Qwen-Image", "qwen_image_edit": "Qwen-Image-Edit"}
+LOADERS = ("CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader")
+SMALL = {  # class_type: inputs that make the run a few steps at 64 px
+    "LoraTrainerTrain": {"steps": 3, "learning_rate": 1e-2},
+    "KSampler": {"steps": 2},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "EmptySD3LatentImage": {"width": 64, "height": 64},
+    "ImageScaleToTotalPixels": {"megapixels": 0.01},
+    "LoraTrainerLoadDataset": {"resolution": 64},
+}
+
+
+def on_tiny_model(graph: dict, family: str, object_info: dict) -> dict:
+    """``graph`` with its model, CLIP and VAE loaders replaced by one Tiny Family Loader of ``family``, every
+    link re-pointed by the type it carried, and the run shrunk (SMALL)."""
+    graph = copy.deepcopy(graph)
+    loaders = {node_id for node_id, node in graph.items() if node["class_type"] in LOADERS}
+    assert loaders, "the workflow loads no model"
+    for node in graph.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] in loaders:
+                carried = object_info[graph[value[0]]["class_type"]]["output"][value[1]]
+                node["inputs"][name] = ["tiny", ["MODEL", "CLIP", "VAE"].index(carried)]
+        node["inputs"].update(SMALL.get(node["class_type"], {}))
+    for node_id in loaders:
+        del graph[node_id]
+    graph["tiny"] = {"class_type": "TinyFamilyLoader", "inputs": {"family": family}}
+    return graph
+
+
+@pytest.mark.parametrize("workflow, family", list(FAMILY_WORKFLOWS.items()))
+def test_every_family_workflow_runs_through_the_api_on_the_tiny_model(workflow, family, comfy_client,
+                                                                     comfy_base_dir, object_info):
+    """The shipped graph as a user queues it, on a tiny model of its family: it trains, saves a LoRA file with
+    the family's metadata, and samples with and without the LoRA, which differ."""
+    graph = json.loads((WORKFLOWS / f"{workflow}_train_then_generate_api.json").read_text())
+    graph = on_tiny_model(graph, family, object_info)
+    folder = f"family_workflows/{workflow}"
+    (make_edit_pairs if TINY[family].edit else make_demo_dataset)(comfy_base_dir / "input" / folder, count=2,
+                                                                  size=64)
+    name = f"tests/workflow_{workflow}"
+    prefix = f"family_workflows/{workflow}"
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "LoraTrainerLoadDataset":
+            inputs["folder"] = folder
+        if node["class_type"] in ("LoraTrainerTrain", "LoraTrainerSave"):
+            inputs["name"] = name
+        if node["class_type"] == "SaveImage":
+            inputs["filename_prefix"] = inputs["filename_prefix"].replace("lora_trainer", prefix, 1)
+        if node["class_type"] == "LoadImage":  # the image to edit: one of the dataset's own
+            inputs["image"] = f"{folder}/control/zkx_000.png"
+    entry = comfy_client.run(graph)
+
+    _, base_version, architecture, first_key = EXPECTED[family]
+    with safe_open(comfy_base_dir / "models" / "loras" / f"{name}.safetensors", "pt") as saved:
+        metadata, keys = saved.metadata(), list(saved.keys())
+    assert any(key.startswith(first_key) for key in keys), keys[:4]
+    assert (metadata["ss_base_model_version"], metadata["modelspec.architecture"]) == (base_version, architecture)
+    images = {}
+    for out in entry["outputs"].values():
+        for image in out.get("images", []):
+            images[image["filename"].split("_0")[0]] = np.asarray(
+                Image.open(comfy_base_dir / "output" / image["subfolder"] / image["filename"]))
+    assert set(images) == {"with_lora", "without_lora", "loss_curve"}
+    assert images["with_lora"].shape == images["without_lora"].shape
+    assert not np.array_equal(images["with_lora"], images["without_lora"])

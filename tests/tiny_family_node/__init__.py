@@ -1,0 +1,27 @@
+"""A test-only custom node for the e2e server: Tiny Family Loader gives a tiny random MODEL, CLIP and VAE of
+any family (scripts/tiny_families.py), so each family's shipped workflow runs through the HTTP API with its
+loaders swapped for this one. ComfyUI's stock loaders cannot load such files: their detection fixes the widths.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the repo's scripts/, after ComfyUI's own modules
+
+from scripts.tiny_families import TINY, tiny_clip, tiny_model, tiny_vae  # noqa: E402
+
+
+class TinyFamilyLoader:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (list(TINY),)}}
+
+    def load(self, family):
+        return tiny_model(family), tiny_clip(family), tiny_vae(family)
+
+
+NODE_CLASS_MAPPINGS = {"TinyFamilyLoader": TinyFamilyLoader}
