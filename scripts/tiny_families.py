@@ -79,11 +79,10 @@ def tiny_model(family: str | Tiny, seed: int = 0):
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
-    import comfy.supported_models
     import torch
 
     spec = TINY[family] if isinstance(family, str) else family
-    config = getattr(comfy.supported_models, spec.config_class)(dict(spec.unet_config))
+    config = _family_config(spec)
     config.set_inference_dtype(torch.float32, None)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -100,11 +99,10 @@ def tiny_model(family: str | Tiny, seed: int = 0):
 def tiny_clip(family: str, seed: int = 0):
     """A ComfyUI CLIP of ``family``'s text encoders (its ``clip_target``), small, with random weights."""
     import comfy.sd
-    import comfy.supported_models
     import torch
 
     spec = TINY[family]
-    config = getattr(comfy.supported_models, spec.config_class)(dict(spec.unet_config))
+    config = _family_config(spec)
     prefix = config.text_encoder_key_prefix[0]
     target = config.clip_target({f"{prefix}{name}.transformer.text_model.final_layer_norm.weight": None
                                  for name in spec.checkpoint_encoders})
@@ -147,6 +145,13 @@ def tiny_vae(family: str, seed: int = 0):
             model = AutoencoderKL(ddconfig={**SD_VAE_DDCONFIG, "z_channels": channels}, embed_dim=channels)
         _randomize(model)
     return comfy.sd.VAE(sd=model.state_dict())
+
+
+def _family_config(spec: Tiny):
+    """ComfyUI's supported_models config of the spec's family, as its detection would make it."""
+    import comfy.supported_models
+
+    return getattr(comfy.supported_models, spec.config_class)(dict(spec.unet_config))
 
 
 def _randomize(module) -> None:

@@ -149,11 +149,10 @@ def test_every_family_workflow_runs_through_the_api_on_the_tiny_model(workflow, 
     the family's metadata, and samples with and without the LoRA, which differ."""
     graph = json.loads((WORKFLOWS / f"{workflow}_train_then_generate_api.json").read_text())
     graph = on_tiny_model(graph, family, object_info)
-    folder = f"family_workflows/{workflow}"
+    folder = f"family_workflows/{workflow}"  # the dataset under input/, the images under output/
     (make_edit_pairs if TINY[family].edit else make_demo_dataset)(comfy_base_dir / "input" / folder, count=2,
                                                                   size=64)
     name = f"tests/workflow_{workflow}"
-    prefix = f"family_workflows/{workflow}"
     for node in graph.values():
         inputs = node["inputs"]
         if node["class_type"] == "LoraTrainerLoadDataset":
@@ -161,7 +160,7 @@ def test_every_family_workflow_runs_through_the_api_on_the_tiny_model(workflow, 
         if node["class_type"] in ("LoraTrainerTrain", "LoraTrainerSave"):
             inputs["name"] = name
         if node["class_type"] == "SaveImage":
-            inputs["filename_prefix"] = inputs["filename_prefix"].replace("lora_trainer", prefix, 1)
+            inputs["filename_prefix"] = inputs["filename_prefix"].replace("lora_trainer", folder, 1)
         if node["class_type"] == "LoadImage":  # the image to edit: one of the dataset's own
             inputs["image"] = f"{folder}/control/zkx_000.png"
     entry = comfy_client.run(graph)
@@ -171,10 +170,10 @@ def test_every_family_workflow_runs_through_the_api_on_the_tiny_model(workflow, 
         metadata, keys = saved.metadata(), list(saved.keys())
     assert any(key.startswith(first_key) for key in keys), keys[:4]
     assert (metadata["ss_base_model_version"], metadata["modelspec.architecture"]) == (base_version, architecture)
-    images = {}
-    for out in entry["outputs"].values():
+    images = {}  # by the last part of the SaveImage node's prefix: with_lora, without_lora, loss_curve
+    for node_id, out in entry["outputs"].items():
         for image in out.get("images", []):
-            images[image["filename"].split("_0")[0]] = np.asarray(
+            images[graph[node_id]["inputs"]["filename_prefix"].rsplit("/", 1)[-1]] = np.asarray(
                 Image.open(comfy_base_dir / "output" / image["subfolder"] / image["filename"]))
     assert set(images) == {"with_lora", "without_lora", "loss_curve"}
     assert images["with_lora"].shape == images["without_lora"].shape
