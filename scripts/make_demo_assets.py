@@ -147,15 +147,17 @@ def make_tiny_sd15_checkpoint(path: Path | str, seed: int = 0, dtype: torch.dtyp
     return path
 
 
-def cached_tiny_sd15(cache_dir: Path | str = REPO_ROOT / ".cache", timeout_s: float = 600) -> Path:
+def cached_tiny_sd15(cache_dir: Path | str = REPO_ROOT / ".cache", timeout_s: float = 600,
+                     python: Path | str = sys.executable) -> Path:
     """The tiny checkpoint, built once per version of this script (its content hash names the file) in a
-    subprocess, so the caller never imports ComfyUI; older versions are removed (~450 MB each)."""
+    subprocess of ``python`` (one with ComfyUI's requirements), so the caller never imports ComfyUI; older
+    versions are removed (~450 MB each)."""
     cache_dir = Path(cache_dir)
     digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
     path = cache_dir / f"tiny_sd15-{digest}.safetensors"
     if not path.is_file():
         partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.safetensors")
-        subprocess.run([sys.executable, __file__, "checkpoint", str(partial)], check=True, timeout=timeout_s,
+        subprocess.run([str(python), __file__, "checkpoint", str(partial)], check=True, timeout=timeout_s,
                        cwd=REPO_ROOT)
         partial.replace(path)  # atomic: a concurrent run sees the whole file or none
         for stale in cache_dir.glob("tiny_sd15-*.safetensors"):

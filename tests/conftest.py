@@ -1,7 +1,8 @@
-"""Fixtures shared by tests/comfy (ComfyUI in-process) and tests/e2e (a real server): a ComfyUI
-install and the tiny random SD1.5 checkpoint.
+"""Fixtures shared by tests/comfy (ComfyUI in-process) and tests/e2e (a real server): the ComfyUI host
+and the tiny random SD1.5 checkpoint.
 
-If ComfyUI cannot be installed (no registry, no ``$COMFYUI_DIR``) the tests using these fixtures
+``scripts/run_tests.py`` runs these suites once per host, in the host's own venv, with ``$COMFYUI_DIR`` naming
+its folder. Run elsewhere (no ComfyUI, or a Python without its requirements), the tests using these fixtures
 are skipped with the reason; ``REQUIRE_COMFYUI=1`` (CI sets it) makes that a failure.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,11 +26,14 @@ TINY_CKPT_NAME = "tiny_sd15.safetensors"
 @pytest.fixture(scope="session")
 def comfy_root() -> Path:
     try:
-        return comfy_host.comfy_root()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        reason = (
-            f"ComfyUI cannot be installed here ({type(exc).__name__}: {exc}); set $COMFYUI_DIR to an install"
-        )
+        root = comfy_host.comfy_root()
+        missing = comfy_host.missing_requirements(root)
+        if missing:
+            raise ImportError(f"this Python ({sys.executable}) lacks {missing} of {root}/requirements.txt")
+        return root
+    except (OSError, ImportError, subprocess.CalledProcessError) as exc:
+        reason = (f"no ComfyUI host here ({type(exc).__name__}: {exc}); run `bash scripts/dev.sh test`, which "
+                  f"runs these tests on every host in its own venv")
         if os.environ.get("REQUIRE_COMFYUI") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
