@@ -9,7 +9,7 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import comfy.model_management as mm
 import comfy.utils
@@ -209,6 +209,22 @@ def load_for_training(model) -> None:
     weights that autograd may use."""
     mm.load_models_gpu([model], force_full_load=True)
     leave_inference_mode(model.model.diffusion_model)
+
+
+@contextlib.contextmanager
+def training_mode() -> Iterator[None]:
+    """ComfyUI's training mode while the loop runs: ``model_management.in_training``, which core's trainer sets
+    too. Hosts that have it (0.33+) route kernels without a backward pass (comfy_kitchen's RoPE for FLUX and
+    Qwen-Image) to plain torch while it is on. The previous value comes back however the loop ends; hosts
+    without the flag (0.3.75) train as they are."""
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    previous, mm.in_training = mm.in_training, True
+    try:
+        yield
+    finally:
+        mm.in_training = previous
 
 
 def leave_inference_mode(module: torch.nn.Module) -> None:

@@ -15,7 +15,7 @@ from ..training.dataset import tag_frequency
 from ..training.loop import TrainingDiverged, TrainResult, train
 from ..training.objectives import FLOW_SAMPLINGS, OBJECTIVES
 from ..training.optim import LR_SCHEDULES
-from .bridge import ComfyDenoiser, LatentsIn, Progress, interrupt_now, load_for_training
+from .bridge import ComfyDenoiser, LatentsIn, Progress, interrupt_now, load_for_training, training_mode
 from .dataset_nodes import CATEGORY
 from .families import PRESETS, family_of, flow_shift_of, objective_for_model
 from .lora_nodes import TrainedLora, loras_path, write_lora
@@ -125,7 +125,7 @@ class TrainLora:
                                tag_frequency(encoded.dataset.samples), encoded.dataset.policy.trigger,
                                result.cancelled)
 
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), training_mode():
             try:
                 result = train(config, denoiser, data, on_step=progress.on_step, should_stop=progress.should_stop,
                                resume_from=resume_from, interrupts=(mm.InterruptProcessingException,))
