@@ -1,27 +1,32 @@
 """Tiny random-weight models of every family, with their text encoders and VAE, built in-process from
-ComfyUI's own classes.
+ComfyUI's own classes, the way its loaders build them.
 
-ComfyUI's file detection fixes the widths of most flow models (FLUX: hidden 3072) and of every text encoder,
-so these are made the way ComfyUI's loaders make them after detection: the diffusion model is
-``supported_models.<Family>(unet_config).get_model()`` in a ``ModelPatcher``; the CLIP is ``comfy.sd.CLIP`` of
-the family's own ``clip_target`` (CLIP-L/G, T5, Qwen2.5-VL, with their tokenizers, layer choices, pooling and
-padding), made small through ComfyUI's ``<encoder>_model_config`` option; the VAE is ``comfy.sd.VAE`` of a
-state dict its detection reads (SD's 4- or 16-channel autoencoder, Qwen's Wan 2.1 VAE at a small width).
+A diffusion model starts from the layout of its weights (the keys and shapes a file of it holds, on the meta
+device): SD-style UNets from ComfyUI's ``UNetModel``, DiTs from the handful of keys ComfyUI's detection reads.
+ComfyUI's ``detect_unet_config`` turns that layout into the model's config, with every argument the host's
+model classes take (a new one upstream, such as FLUX's ``txt_ids_dims``, comes from the host itself); the
+family's ``supported_models`` class builds it (tiny widths never match a family's detection table, so the
+class is named) into the patcher class ComfyUI's loaders use. The CLIP is ``comfy.sd.CLIP`` of the family's own
+``clip_target`` (CLIP-L/G, T5, Qwen2.5-VL, with their tokenizers, layer choices, pooling and padding), made
+small through ComfyUI's ``<encoder>_model_config`` option; the VAE is ``comfy.sd.VAE`` of a state dict its
+detection reads (SD's 4- or 16-channel autoencoder, Qwen's Wan 2.1 VAE at a small width).
 The architectures, the conditioning (pooled text, SDXL size embedding, FLUX guidance, Qwen reference latents),
 ``model_sampling`` and the LoRA key maps are ComfyUI's; only the widths are small.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class Tiny:
     config_class: str  # comfy.supported_models class
-    unet_config: dict
     latent_channels: int
     encoders: dict[str, dict]  # text encoder -> its config overrides (ComfyUI's "<name>_model_config" option)
+    unet: dict | None = None  # SD-style UNets: the UNetModel arguments whose weights make the layout
+    keys: dict[str, tuple[int, ...]] = field(default_factory=dict)  # DiTs: the keys (and shapes) detection reads
+    widths: dict = field(default_factory=dict)  # sizes the family's detection does not read (fixed full-size)
     model_type: str | None = None  # force a comfy.model_base.ModelType (SD2 v-prediction)
     edit: bool = False  # trained on edit pairs (reference latents)
     frames: bool = False  # latents carry a time axis, [C, 1, h, w] (Qwen's Wan VAE), as ComfyUI's VAE gives them
@@ -33,11 +38,26 @@ _UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4,
              transformer_depth_middle=1, use_spatial_transformer=True,
              num_head_channels=16, num_heads=-1, legacy=False, use_temporal_attention=False,
              use_temporal_resblock=False)
-_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=64,
-             mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000,
-             patch_size=2, qkv_bias=True)
-_QWEN = dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
-             num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
+
+
+def _flux(hidden: int, guidance: bool) -> dict[str, tuple[int, ...]]:
+    """FLUX.1's detection reads the width from img_in/txt_in, the pooled width from vector_in, guidance from
+    guidance_in, and counts the double and single blocks (one each here). Heads are 128 wide (axes 16+56+56);
+    0.3.75's detection fixes their number at 24 (so ``widths`` sets it), newer ones divide."""
+    return {"img_in.weight": (hidden, 64), "txt_in.weight": (hidden, 64), "vector_in.in_layer.weight": (hidden, 32),
+            **({"guidance_in.in_layer.weight": (hidden, 256)} if guidance else {}),
+            "double_blocks.0.img_attn.norm.key_norm.scale": (128,), "single_blocks.0.norm.key_norm.scale": (128,)}
+
+
+# SD3's detection: width 64 x depth from x_embedder, pooled width from y_embedder, context from context_embedder
+_SD3 = {"joint_blocks.0.context_block.attn.qkv.weight": (384, 128), "x_embedder.proj.weight": (128, 16, 2, 2),
+        "final_layer.linear.weight": (64, 128), "y_embedder.mlp.0.weight": (128, 64),
+        "context_embedder.weight": (128, 4096), "pos_embed": (1, 1024, 128)}
+# Qwen-Image's detection reads in_channels and the block count; its widths are fixed (3072), so they are set
+_QWEN = {"txt_norm.weight": (64,), "img_in.weight": (64, 64), "transformer_blocks.0.attn.to_q.weight": (64, 64),
+         "transformer_blocks.1.attn.to_q.weight": (64, 64)}
+_QWEN_WIDTHS = dict(attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
+
 
 def _clip(width: int, projection: int) -> dict:
     return dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=2, num_hidden_layers=3,
@@ -50,32 +70,31 @@ _QWEN_TE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_
 # context 64 wide: CLIP-L alone (SD1), CLIP-H (SD2), CLIP-L + CLIP-G side by side (SDXL), T5 (FLUX), Qwen2.5-VL;
 # pooled 32: CLIP-G's projection (SDXL), CLIP-L's (FLUX), both (SD3: 64). SD3 pads CLIP to T5's 4096 width.
 TINY = {
-    "SD15": Tiny("SD15", {**_UNET, "context_dim": 64, "use_linear_in_transformer": False}, 4,
-                 {"clip_l": _clip(64, 64)}),
-    "SD2-v": Tiny("SD20", {**_UNET, "context_dim": 64, "use_linear_in_transformer": True}, 4,
-                  {"clip_h": _clip(64, 64)}, model_type="V_PREDICTION"),
-    "SDXL": Tiny("SDXL", {**_UNET, "context_dim": 64, "use_linear_in_transformer": True, "num_classes": "sequential",
-                          "adm_in_channels": 32 + 6 * 256}, 4, {"clip_l": _clip(32, 32), "clip_g": _clip(32, 32)}),
-    "SD3": Tiny("SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=64,
-                            pos_embed_max_size=32, num_patches=1024, input_size=None, pos_embed_scaling_factor=None,
-                            context_embedder_config={"target": "torch.nn.Linear",
-                                                     "params": {"in_features": 4096, "out_features": 128}}),
-                16, {"clip_l": _clip(32, 32), "clip_g": _clip(32, 32)}, checkpoint_encoders=("clip_l", "clip_g")),
-    "FLUX.1-dev": Tiny("Flux", {**_FLUX, "guidance_embed": True}, 16, {"clip_l": _clip(32, 32), "t5xxl": _T5}),
-    "Qwen-Image": Tiny("QwenImage", _QWEN, 16, {"qwen25_7b": _QWEN_TE}, frames=True),
-    "Qwen-Image-Edit": Tiny("QwenImage", _QWEN, 16, {"qwen25_7b": _QWEN_TE}, edit=True, frames=True),
+    "SD15": Tiny("SD15", 4, {"clip_l": _clip(64, 64)},
+                 unet={**_UNET, "context_dim": 64, "use_linear_in_transformer": False}),
+    "SD2-v": Tiny("SD20", 4, {"clip_h": _clip(64, 64)},
+                  unet={**_UNET, "context_dim": 64, "use_linear_in_transformer": True}, model_type="V_PREDICTION"),
+    "SDXL": Tiny("SDXL", 4, {"clip_l": _clip(32, 32), "clip_g": _clip(32, 32)},
+                 unet={**_UNET, "context_dim": 64, "use_linear_in_transformer": True, "num_classes": "sequential",
+                       "adm_in_channels": 32 + 6 * 256}),
+    "SD3": Tiny("SD3", 16, {"clip_l": _clip(32, 32), "clip_g": _clip(32, 32)}, keys=_SD3,
+                checkpoint_encoders=("clip_l", "clip_g")),
+    "FLUX.1-dev": Tiny("Flux", 16, {"clip_l": _clip(32, 32), "t5xxl": _T5}, keys=_flux(256, guidance=True),
+                       widths={"num_heads": 2}),
+    "Qwen-Image": Tiny("QwenImage", 16, {"qwen25_7b": _QWEN_TE}, keys=_QWEN, widths=_QWEN_WIDTHS, frames=True),
+    "Qwen-Image-Edit": Tiny("QwenImage", 16, {"qwen25_7b": _QWEN_TE}, keys=_QWEN, widths=_QWEN_WIDTHS, edit=True,
+                            frames=True),
 }
 
 
 # diffusers' kohya FLUX converter hard-codes FLUX.1's width (3072, MLP 12288): checking that a file loads there
 # needs the real width, at one double and one single block (0.5 G parameters).
-FLUX_FULL_WIDTH = Tiny("Flux", {**_FLUX, "guidance_embed": True, "hidden_size": 3072, "num_heads": 24,
-                                "axes_dim": [16, 56, 56]}, 16, TINY["FLUX.1-dev"].encoders)
+FLUX_FULL_WIDTH = Tiny("Flux", 16, TINY["FLUX.1-dev"].encoders, keys=_flux(3072, guidance=True),
+                       widths={"num_heads": 24})
 
 
 def tiny_model(family: str | Tiny, seed: int = 0):
-    """A ComfyUI MODEL (ModelPatcher) of ``family`` (a TINY key, or a spec) with random weights; ComfyUI must
-    be importable."""
+    """A ComfyUI MODEL of ``family`` (a TINY key, or a spec) with random weights; ComfyUI must be importable."""
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -86,14 +105,14 @@ def tiny_model(family: str | Tiny, seed: int = 0):
     config.set_inference_dtype(torch.float32, None)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        if spec.model_type is not None:  # what SD20.get_model builds, with the prediction type given
+        if spec.model_type is not None:  # what SD20.get_model builds when its v-prediction test says so
             base = comfy.model_base.BaseModel(config, model_type=getattr(comfy.model_base.ModelType, spec.model_type))
         else:
             base = config.get_model({})
         _randomize(base.diffusion_model)
     base.diffusion_model.to(torch.float32)
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    patcher = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)  # as the loaders
+    return patcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
 def tiny_clip(family: str, seed: int = 0):
@@ -148,10 +167,31 @@ def tiny_vae(family: str, seed: int = 0):
 
 
 def _family_config(spec: Tiny):
-    """ComfyUI's supported_models config of the spec's family, as its detection would make it."""
+    """ComfyUI's supported_models config of the spec's family, from what its detection reads in the layout."""
+    return _config_from(spec, _layout(spec))
+
+
+def _config_from(spec: Tiny, state_dict: dict):
+    import comfy.model_detection
     import comfy.supported_models
 
-    return getattr(comfy.supported_models, spec.config_class)(dict(spec.unet_config))
+    unet_config = comfy.model_detection.detect_unet_config(state_dict, "")
+    if unet_config is None:
+        raise ValueError(f"ComfyUI's detection does not recognise the {spec.config_class} layout")
+    return getattr(comfy.supported_models, spec.config_class)({**unet_config, **spec.widths})
+
+
+def _layout(spec: Tiny) -> dict:
+    """The diffusion model's weights on the meta device: what a file of the tiny model holds, without values."""
+    import torch
+
+    if spec.unet is not None:
+        import comfy.ops
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        return UNetModel(**spec.unet, device="meta", operations=comfy.ops.disable_weight_init).state_dict()
+    keys = {key: torch.empty(shape, device="meta") for key, shape in spec.keys.items()}
+    return _config_from(spec, keys).get_model({}, device="meta").diffusion_model.state_dict()
 
 
 def _randomize(module) -> None:
