@@ -1,9 +1,10 @@
 """Write the shipped workflows, each in both formats, from one graph description per workflow.
 
-    python scripts/make_workflows.py          # regenerates workflows/*.json
+    .comfyui/0.33.0/venv/bin/python scripts/make_workflows.py    # regenerates workflows/*.json
 
 Widget order and output types come from the node classes themselves (ComfyUI loaded in-process, this pack
-registered), so the UI files stay in step with the nodes' INPUT_TYPES. The frontend gives INT inputs named
+registered), so the UI files stay in step with the nodes' INPUT_TYPES. Run it on the newest host: inputs that
+newer ComfyUIs added (ImageScaleToTotalPixels' resolution_steps) get their values, which older hosts ignore. The frontend gives INT inputs named
 seed/noise_seed an extra "control after generate" widget value, written here as "fixed".
 """
 
@@ -72,8 +73,8 @@ def train_then_generate(*, ckpt: str | None = None, unet: str | None = None, cli
         lora_model, base_model = (23, 0), (24, 0)
     if edit:
         graph += [(21, "LoadImage", {"image": edit_image}, {}, 0, 4),
-                  (22, "ImageScaleToTotalPixels", {"upscale_method": "lanczos", "megapixels": size * size / 2**20},
-                   {"image": (21, 0)}, 0, 5),
+                  (22, "ImageScaleToTotalPixels", {"upscale_method": "lanczos", "megapixels": size * size / 2**20,
+                                                   "resolution_steps": 1}, {"image": (21, 0)}, 0, 5),
                   (9, "TextEncodeQwenImageEdit", {"prompt": prompt}, {"clip": clip, "vae": vae_out, "image": (22, 0)},
                    1, 3),
                   (10, "TextEncodeQwenImageEdit", {"prompt": ""}, {"clip": clip, "vae": vae_out, "image": (22, 0)},
