@@ -1,18 +1,28 @@
-"""ComfyUI glue: the six nodes. The only package that imports ComfyUI."""
+"""ComfyUI glue: the six nodes. The only package that imports ComfyUI.
+
+Node IDs carry the prefix ``LoraTrainer``: ComfyUI silently drops a custom node whose ID equals a built-in one
+(it has its own ``SaveLoRA``). The mappings are literal dicts so that static scanners (ComfyUI-Manager's node
+index) can read them without importing the pack.
+"""
 
 from .dataset_nodes import CaptionDropout, LoadLoraDataset
 from .encode_node import EncodeLatentsCache
 from .lora_nodes import ApplyLora, SaveLora
 from .train_node import TrainLora
 
-PREFIX = "LoraTrainer"  # ComfyUI silently drops custom nodes whose ID equals a built-in one (e.g. SaveLoRA)
-NODES = {
-    "LoadDataset": (LoadLoraDataset, "Load LoRA Dataset"),
-    "CaptionDropout": (CaptionDropout, "Caption Dropout"),
-    "EncodeLatentsCache": (EncodeLatentsCache, "Encode Latents Cache"),
-    "Train": (TrainLora, "Train LoRA"),
-    "Save": (SaveLora, "Save LoRA"),
-    "Apply": (ApplyLora, "Apply LoRA"),
+NODE_CLASS_MAPPINGS = {
+    "LoraTrainerLoadDataset": LoadLoraDataset,
+    "LoraTrainerCaptionDropout": CaptionDropout,
+    "LoraTrainerEncodeLatentsCache": EncodeLatentsCache,
+    "LoraTrainerTrain": TrainLora,
+    "LoraTrainerSave": SaveLora,
+    "LoraTrainerApply": ApplyLora,
 }
-NODE_CLASS_MAPPINGS = {f"{PREFIX}{key}": cls for key, (cls, _) in NODES.items()}
-NODE_DISPLAY_NAME_MAPPINGS = {f"{PREFIX}{key}": title for key, (_, title) in NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoraTrainerLoadDataset": "Load LoRA Dataset",
+    "LoraTrainerCaptionDropout": "Caption Dropout",
+    "LoraTrainerEncodeLatentsCache": "Encode Latents Cache",
+    "LoraTrainerTrain": "Train LoRA",
+    "LoraTrainerSave": "Save LoRA",
+    "LoraTrainerApply": "Apply LoRA",
+}

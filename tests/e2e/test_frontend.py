@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.our_nodes import OURS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO_ROOT / "workflows" / "demo_tiny_sd15.json"
 SCREENSHOT = REPO_ROOT / "artifacts" / "frontend_demo_workflow.png"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
-OURS = {"LoraTrainerLoadDataset": "Load LoRA Dataset", "LoraTrainerCaptionDropout": "Caption Dropout",
-        "LoraTrainerEncodeLatentsCache": "Encode Latents Cache", "LoraTrainerTrain": "Train LoRA",
-        "LoraTrainerSave": "Save LoRA", "LoraTrainerApply": "Apply LoRA"}
 
 
 @pytest.fixture(scope="module")

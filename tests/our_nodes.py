@@ -1,0 +1,5 @@
+"""The pack's six node IDs and the display names users see, as the frontend and ComfyUI-Manager must show them."""
+
+OURS = {"LoraTrainerLoadDataset": "Load LoRA Dataset", "LoraTrainerCaptionDropout": "Caption Dropout",
+        "LoraTrainerEncodeLatentsCache": "Encode Latents Cache", "LoraTrainerTrain": "Train LoRA",
+        "LoraTrainerSave": "Save LoRA", "LoraTrainerApply": "Apply LoRA"}
