@@ -13,7 +13,7 @@
   in the servers those start.
 
 Every build is idempotent: a marker file holds a digest of what went in, and a changed requirements file
-installs again. Only the standard library is used here, so the system Python can run it before any venv exists::
+builds that environment again from scratch. Only the standard library is used here, so the system Python can run it before any venv exists::
 
     python3 scripts/pyenvs.py dev      # make .venv and print its python
 """
@@ -80,9 +80,9 @@ def venv(path: Path, requirements: Sequence[Path], extra: Sequence[str] = ()) ->
     layer = torch_layer()
     inputs = "\n".join([str(layer), *(f.read_text() for f in requirements), *extra])
     with _building(path, inputs) as needed:
-        if needed:
-            if not python_of(path).exists():
-                subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        if needed:  # from scratch: a requirement taken out must not linger
+            shutil.rmtree(path, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
             site = subprocess.run([python_of(path), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                   check=True, capture_output=True, text=True).stdout.strip()
             Path(site, "torch-layer.pth").write_text(f"{layer}\n")
