@@ -4,6 +4,7 @@ from the git-tracked files minus .comfyignore, and what the pack imports at run 
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,16 @@ PACK_CODE = ("__init__.py", "nodes", "training")
 # what ComfyUI itself provides to every custom node: its own modules and its torch
 COMFYUI_MODULES = {"comfy", "comfy_extras", "comfy_api", "comfy_execution", "folder_paths", "server", "node_helpers",
                    "nodes", "torch"}
+
+
+def requirement_lines(path: Path) -> list[str]:
+    """The requirements a requirements.txt lists, without comments and blank lines."""
+    return [line.split("#")[0].strip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
+
+
+def canonical(name: str) -> str:
+    """A distribution name as the package index compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def pack_archive(workdir: Path) -> Path:

@@ -5,7 +5,6 @@ process only, never to the servers it starts), and every server of the e2e suite
 
 from __future__ import annotations
 
-import re
 import sys
 import sysconfig
 import zipfile
@@ -17,24 +16,19 @@ from packaging.requirements import Requirement
 
 from scripts import comfy_host
 from tests.our_nodes import OURS
-from tests.packaging import REPO_ROOT, pack_archive
+from tests.packaging import REPO_ROOT, canonical, pack_archive, requirement_lines
 
 VENV_TOOLING = {"pip", "setuptools", "wheel"}
 
 
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _closure(requirement_files: list[Path], extra_lines: tuple[str, ...]) -> set[str]:
     """Every distribution the requirement files (and lines) bring in, with their dependencies, as installed."""
-    lines = [*extra_lines, *(line for f in requirement_files for line in f.read_text().splitlines())]
-    pending = [Requirement(line.split("#")[0]) for line in lines if line.split("#")[0].strip()]
-    pending = [r for r in pending if r.marker is None or r.marker.evaluate({"extra": ""})]
+    lines = [*extra_lines, *(line for path in requirement_files for line in requirement_lines(path))]
+    pending = [r for r in map(Requirement, lines) if r.marker is None or r.marker.evaluate({"extra": ""})]
     seen: set[tuple[str, frozenset]] = set()
     while pending:
         requirement = pending.pop()
-        key = (_canonical(requirement.name), frozenset(requirement.extras))
+        key = (canonical(requirement.name), frozenset(requirement.extras))
         if key in seen:
             continue
         seen.add(key)
@@ -50,7 +44,7 @@ def _closure(requirement_files: list[Path], extra_lines: tuple[str, ...]) -> set
 
 def test_the_host_python_holds_only_comfyuis_requirements_and_the_packs(comfy_root):
     site = sysconfig.get_path("purelib")
-    installed = {_canonical(d.metadata["Name"]) for d in distributions(path=[site])} - VENV_TOOLING
+    installed = {canonical(d.metadata["Name"]) for d in distributions(path=[site])} - VENV_TOOLING
     allowed = _closure([comfy_root / "requirements.txt", REPO_ROOT / "requirements.txt"],
                        comfy_host.UNDECLARED_REQUIREMENTS)
     assert installed, f"no distributions found in {site}"

@@ -17,27 +17,24 @@ from tests.packaging import (
     COMFYUI_MODULES,
     REPO_ROOT,
     archive_names,
+    canonical,
     module_level_imports,
     pack_archive,
     pack_sources,
+    requirement_lines,
 )
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 
 
 def _requirements() -> list[str]:
-    lines = (REPO_ROOT / "requirements.txt").read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+    return requirement_lines(REPO_ROOT / "requirements.txt")
 
 
 def test_requirements_txt_and_pyproject_declare_the_same_dependencies_with_floors_and_no_torch():
     requirements = _requirements()
     assert PYPROJECT["project"]["dependencies"] == requirements
-    parsed = {_canonical(Requirement(line).name): Requirement(line) for line in requirements}
+    parsed = {canonical(Requirement(line).name): Requirement(line) for line in requirements}
     assert not {"torch", "torchvision", "torchaudio"} & set(parsed), "never replace the torch of the user's ComfyUI"
     for name in ("diffusers", "peft"):
         assert any(spec.operator == ">=" for spec in parsed[name].specifier), f"{name} needs a floor"
@@ -45,10 +42,10 @@ def test_requirements_txt_and_pyproject_declare_the_same_dependencies_with_floor
 
 def test_every_library_the_pack_imports_is_declared():
     providers = importlib.metadata.packages_distributions()
-    declared = {_canonical(Requirement(line).name) for line in _requirements()}
+    declared = {canonical(Requirement(line).name) for line in _requirements()}
     for path in pack_sources():
         for module in sorted(module_level_imports(path) - set(sys.stdlib_module_names) - COMFYUI_MODULES):
-            dists = {_canonical(name) for name in providers.get(module, [])}
+            dists = {canonical(name) for name in providers.get(module, [])}
             assert dists & declared, f"{path.relative_to(REPO_ROOT)} imports {module} ({dists or 'not installed'}), " \
                                      f"which requirements.txt does not declare"
 
