@@ -13,7 +13,8 @@
   in the servers those start.
 
 Every build is idempotent: a marker file holds a digest of what went in, and a changed requirements file
-builds that environment again from scratch. Only the standard library is used here, so the system Python can run it before any venv exists::
+builds that environment again from scratch. Only the standard library is used here, so the system Python can
+run it before any venv exists::
 
     python3 scripts/pyenvs.py dev      # make .venv and print its python
 """
