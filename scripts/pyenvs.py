@@ -99,6 +99,20 @@ def venv(path: Path, requirements: Sequence[Path], extra: Sequence[str] = ()) ->
     return python_of(path)
 
 
+def requirement_lines(path: Path) -> list[str]:
+    """The requirements a requirements.txt lists, without comments and blank lines."""
+    return [line.split("#")[0].strip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
+
+
+def lowest_venv() -> Path:
+    """A venv (``.comfyui/lowest``) with every requirement of requirements.txt at its floor, the oldest versions
+    the pack declares it works with; returns its python."""
+    lines = requirement_lines(PACK_REQUIREMENTS)
+    if any(line.count(">=") != 1 or any(op in line for op in ("<", "==", "!=", "~=", ",")) for line in lines):
+        raise ValueError(f"{PACK_REQUIREMENTS}: every line must be 'name>=floor' to be tested at its floor: {lines}")
+    return venv(ENVS / "lowest", [], extra=[line.replace(">=", "==") for line in lines])
+
+
 def dev_venv() -> Path:
     """The dev venv's python (``.venv``)."""
     return venv(DEV_VENV, [PACK_REQUIREMENTS, DEV_REQUIREMENTS])

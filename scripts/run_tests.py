@@ -1,6 +1,7 @@
 """Run the tests on every ComfyUI host: the engine and packaging tests (tests/unit, tests/pack: no ComfyUI) once
-in the dev venv, then the ComfyUI suites (tests/comfy in-process, tests/e2e real server and browser) once per
-host, each in that host's own venv with the test tools appended (scripts/pyenvs.py); print the counts per host.
+in the dev venv, the engine tests once more with requirements.txt at its floors, then the ComfyUI suites
+(tests/comfy in-process, tests/e2e real server and browser) once per host, each in that host's own venv with
+the test tools appended (scripts/pyenvs.py); print the counts per host.
 
     .venv/bin/python scripts/run_tests.py [pytest args]      (bash scripts/dev.sh test [pytest args] sets up first)
 
@@ -49,6 +50,8 @@ def main(argv: list[str]) -> int:
     runs, problems = [], []
     if not argv:
         runs.append(pytest_run("engine", [sys.executable], ["-q", *ENGINE_TESTS]))
+        # the same engine with every requirement of requirements.txt at its floor
+        runs.append(pytest_run("engine-lowest", pyenvs.with_tools(pyenvs.lowest_venv(), []), ["-q", "tests/unit"]))
     for host in comfy_host.selected_hosts():
         try:
             comfy_host.install(host)

@@ -20,11 +20,6 @@ COMFYUI_MODULES = {"comfy", "comfy_extras", "comfy_api", "comfy_execution", "fol
                    "nodes", "torch"}
 
 
-def requirement_lines(path: Path) -> list[str]:
-    """The requirements a requirements.txt lists, without comments and blank lines."""
-    return [line.split("#")[0].strip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
-
-
 def canonical(name: str) -> str:
     """A distribution name as the package index compares them (PEP 503)."""
     return re.sub(r"[-_.]+", "-", name).lower()

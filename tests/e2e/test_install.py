@@ -15,8 +15,9 @@ import requests
 from packaging.requirements import Requirement
 
 from scripts import comfy_host
+from scripts.pyenvs import requirement_lines
 from tests.our_nodes import OURS
-from tests.packaging import REPO_ROOT, canonical, pack_archive, requirement_lines
+from tests.packaging import REPO_ROOT, canonical, pack_archive
 
 VENV_TOOLING = {"pip", "setuptools", "wheel"}
 

@@ -12,6 +12,7 @@ import sys
 import tomllib
 from packaging.requirements import Requirement
 
+from scripts.pyenvs import requirement_lines
 from tests.our_nodes import OURS
 from tests.packaging import (
     COMFYUI_MODULES,
@@ -21,7 +22,6 @@ from tests.packaging import (
     module_level_imports,
     pack_archive,
     pack_sources,
-    requirement_lines,
 )
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
