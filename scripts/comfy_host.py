@@ -202,13 +202,12 @@ def missing_requirements(root: Path) -> list[str]:
     from importlib.metadata import PackageNotFoundError, distribution
 
     missing = []
-    for line in _read(root / "requirements.txt").splitlines():
-        name = re.split(r"[<>=!~;\[\s#]", line.strip(), maxsplit=1)[0]
-        if name:
-            try:
-                distribution(name)
-            except PackageNotFoundError:
-                missing.append(name)
+    for line in pyenvs.requirement_lines(root / "requirements.txt"):
+        name = re.split(r"[<>=!~;\[\s]", line, maxsplit=1)[0]
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            missing.append(name)
     return missing
 
 
