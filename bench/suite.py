@@ -38,7 +38,7 @@ def worker(kind: str, px: int, batch: int, steps: int) -> dict:
     import torch
 
     from scripts.comfy_host import comfy_root
-    from scripts.comfy_inproc import load_comfy, run_node
+    from scripts.comfy_inproc import load_comfy, loaded_pack, run_node
     from scripts.make_demo_assets import cached_tiny_sd15
 
     ckpt = cached_tiny_sd15()
@@ -49,7 +49,7 @@ def worker(kind: str, px: int, batch: int, steps: int) -> dict:
     (cond,) = run_node(nodes, "CLIPTextEncode", clip=clip, text="zkx pattern")
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(IMAGES, 4, px // 8, px // 8, generator=g)
-    pack = sys.modules[nodes.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].__module__.rsplit(".", 2)[0]]
+    pack = loaded_pack(nodes)
     stamps: list[float] = []
     extra = {}
     if kind == "native":

@@ -19,7 +19,6 @@ def load_comfy(root: Path, base: Path, cpu: bool = True):
     comfy.cli_args.args.cpu = cpu  # importing model_management on a CUDA build of torch probes for a GPU
     comfy.cli_args.args.use_pytorch_cross_attention = True
     import folder_paths
-
     import nodes
 
     for name in ("input", "output", "temp", "loras", "checkpoints"):
@@ -33,6 +32,12 @@ def load_comfy(root: Path, base: Path, cpu: bool = True):
         if not asyncio.run(nodes.load_custom_node(str(REPO_ROOT))):
             raise RuntimeError(f"ComfyUI could not load the pack at {REPO_ROOT}; see the log above")
     return nodes
+
+
+def loaded_pack(nodes):
+    """The pack as ComfyUI loaded it (its package module): the one identity of every engine and glue class in
+    this process. Tests and scripts reach ``training`` and ``glue`` through it, never by importing them anew."""
+    return sys.modules[nodes.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].__module__.rsplit(".", 2)[0]]
 
 
 def run_node(nodes, node_id: str, **inputs):

@@ -14,7 +14,7 @@ from pathlib import Path
 from scripts import pyenvs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACK_CODE = ("__init__.py", "nodes", "training")
+PACK_CODE = ("__init__.py", "glue", "training")
 # what ComfyUI itself provides to every custom node: its own modules and its torch
 COMFYUI_MODULES = {"comfy", "comfy_extras", "comfy_api", "comfy_execution", "folder_paths", "server", "node_helpers",
                    "nodes", "torch"}

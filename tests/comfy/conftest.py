@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.comfy_inproc import load_comfy, run_node
+from scripts.comfy_inproc import load_comfy, loaded_pack, run_node
 from scripts.make_demo_assets import make_demo_dataset
 from tests.conftest import TINY_CKPT_NAME
 
@@ -24,6 +24,12 @@ def comfy(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory):
     nodes = load_comfy(comfy_root, base)
     nodes.base = base
     return nodes
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack's package as ComfyUI loaded it: ``pack.training``, ``pack.glue``."""
+    return loaded_pack(comfy)
 
 
 @pytest.fixture(scope="session")

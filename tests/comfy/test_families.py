@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import random
-import sys
 
 import pytest
 import torch
@@ -18,9 +17,6 @@ from scripts.make_demo_assets import make_demo_dataset, make_edit_pairs
 from scripts.tiny_families import FLUX_FULL_WIDTH, TINY, tiny_clip, tiny_model, tiny_vae
 from tests.comfy.conftest import run_node
 from tests.families import EXPECTED
-from training.config import TrainConfig
-from training.loop import objective_for
-from training.objectives import weighted_mse
 
 STEPS = 50
 
@@ -51,34 +47,25 @@ def _encoded(comfy, family: str):
     return encoded
 
 
-def _pack_module(comfy, node_id: str):
-    return sys.modules[comfy.NODE_CLASS_MAPPINGS[node_id].__module__]
-
-
-def _bridge(comfy):
-    return sys.modules[_pack_module(comfy, "LoraTrainerTrain").__package__ + ".bridge"]
-
-
-def _probe_loss(comfy, model, batch, config, guidance):
+def _probe_loss(pack, model, batch, config, guidance):
     """Denoising loss at fixed (noise, σ) probes, with ``model`` loaded (and patched) the way ComfyUI does."""
     from comfy import model_management as mm
 
-    bridge = _bridge(comfy)
     mm.load_models_gpu([model], force_full_load=True)
-    denoiser = bridge.ComfyDenoiser(model, guidance=guidance)
-    objective = objective_for(config)
+    denoiser = pack.glue.bridge.ComfyDenoiser(model, guidance=guidance)
+    objective = pack.training.loop.objective_for(config)
     g = torch.Generator().manual_seed(1234)
     total = 0.0
     with torch.no_grad():
         x0 = model.model.process_latent_in(batch.latents)
         for _ in range(4):
             noised = objective.make(x0, torch.randn(x0.shape, generator=g), objective.sample_timesteps(x0, g))
-            total += weighted_mse(denoiser(noised.noisy, noised.timestep, batch.cond), noised).item()
+            total += pack.training.objectives.weighted_mse(denoiser(noised.noisy, noised.timestep, batch.cond), noised).item()
     return total / 4
 
 
 @pytest.mark.parametrize("family", list(TINY))
-def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirely(comfy, family):
+def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirely(comfy, pack, family):
     import folder_paths
     from comfy import lora as comfy_lora
     from comfy import model_management as mm
@@ -97,11 +84,11 @@ def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirel
     assert family_info.base_model_version == base_version
 
     # the loss at fixed probes falls: base model vs the same model with Apply LoRA's patches
-    config = TrainConfig.from_dict(lora.config)
+    config = pack.training.config.TrainConfig.from_dict(lora.config)
     batch = encoded.data.collate(list(range(4)), random.Random(0))
-    before = _probe_loss(comfy, model, batch, config, family_info.guidance)
+    before = _probe_loss(pack, model, batch, config, family_info.guidance)
     (applied,) = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0)
-    after = _probe_loss(comfy, applied, batch, config, family_info.guidance)
+    after = _probe_loss(pack, applied, batch, config, family_info.guidance)
     assert after < 0.9 * before, f"{family}: probe loss {before:.4f} -> {after:.4f}"
 
     (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name=f"tests/{family}", format="auto",
@@ -123,15 +110,15 @@ def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirel
     name = f"tests/{family}.safetensors"
     assert name in folder_paths.get_filename_list("loras")
     (stock,) = run_node(comfy, "LoraLoaderModelOnly", model=model, lora_name=name, strength_model=1.0)
-    assert _probe_loss(comfy, stock, batch, config, family_info.guidance) == after
+    assert _probe_loss(pack, stock, batch, config, family_info.guidance) == after
     mm.unload_all_models()
 
 
 @pytest.mark.parametrize("family, inputs", [("SDXL", {"y"}), ("SD3", {"y"}), ("FLUX.1-dev", {"y", "guidance"}),
                                             ("Qwen-Image-Edit", {"ref_latents"})])
-def test_the_family_conditioning_reaches_the_model(comfy, family, inputs):
+def test_the_family_conditioning_reaches_the_model(comfy, pack, family, inputs):
     """SDXL's pooled + size vector, SD3/FLUX's pooled vector, FLUX's guidance, the edit's reference latent."""
-    bridge = _bridge(comfy)
+    bridge = pack.glue.bridge
     model = tiny_model(family)
     spec = TINY[family]
     shape = (2, spec.latent_channels, *((1,) if spec.frames else ()), 8, 8)

@@ -140,13 +140,11 @@ def test_gradient_checkpointing_learns_the_same_lora_and_comes_off_again(comfy, 
     assert not blocks, "checkpointing wrappers were left on the model"
 
 
-def test_the_encoder_identity_is_the_same_for_every_load_of_a_checkpoint(comfy, sd15):
+def test_the_encoder_identity_is_the_same_for_every_load_of_a_checkpoint(comfy, pack, sd15):
     """Else a restarted ComfyUI would never find its latent cache warm."""
-    import sys
-
     from tests.conftest import TINY_CKPT_NAME
 
-    bridge = sys.modules[comfy.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].__module__.rsplit(".", 1)[0] + ".bridge"]
+    bridge = pack.glue.bridge
     _, clip, vae = sd15
     identities = {bridge.ComfyEncoders(vae, clip).identity}
     for _ in range(2):
