@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.batching import InMemoryData  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.denoisers import UNetDenoiser  # noqa: E402
+from training.diffusers_denoisers import UNetDenoiser  # noqa: E402
 from training.loop import train  # noqa: E402
 
 TINY_SD15 = dict(

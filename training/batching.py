@@ -13,7 +13,7 @@ import torch
 @dataclass
 class Batch:
     latents: torch.Tensor  # [B, C, H, W]
-    cond: dict[str, torch.Tensor]  # batched conditioning, see denoisers.Denoiser
+    cond: dict[str, torch.Tensor]  # batched conditioning, see denoiser.Denoiser
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
         def move(t: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .batching import Batch, TrainData
 from .buckets import plan_batches
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .denoisers import Denoiser
+from .denoiser import Denoiser
 from .lora import LoraAttachment, LoraTensors
 from .objectives import DDPMObjective, FlowObjective, make_objective, weighted_mse
 from .optim import make_optimizer, make_schedule

@@ -15,7 +15,7 @@ import torch
 from tests.unit.tiny_models import LATENT_CHANNELS, tiny_cond, tiny_flux, tiny_qwen_image, tiny_unet
 from training.batching import InMemoryData
 from training.config import TrainConfig
-from training.denoisers import FluxDenoiser, QwenImageDenoiser, UNetDenoiser
+from training.diffusers_denoisers import FluxDenoiser, QwenImageDenoiser, UNetDenoiser
 from training.loop import objective_for, train
 from training.lora import LoraAttachment
 from training.objectives import weighted_mse

@@ -14,7 +14,7 @@ from tests.unit.tiny_models import (
     tiny_sdxl_unet,
     tiny_unet,
 )
-from training.denoisers import (
+from training.diffusers_denoisers import (
     FluxDenoiser,
     QwenImageDenoiser,
     UNetDenoiser,

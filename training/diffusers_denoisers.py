@@ -1,10 +1,11 @@
-"""Denoisers: one small adapter per model family behind the protocol the training loop calls.
+"""Denoisers for diffusers models: one small adapter per family behind training.denoiser.Denoiser.
 
-The loop only ever sees ``denoiser(noisy, timestep, cond) -> prediction`` on latents [B, C, H, W];
-each adapter packs, positions and unpacks whatever its model wants, mirroring the diffusers
-pipeline that runs the same model at inference (cited where the logic is copied).
+Optional: for the engine's tests, benchmarks and scripts that train diffusers models. The ComfyUI pack never
+imports this module (it adapts ComfyUI's own MODEL in glue/bridge.py; tests/unit/test_layering checks).
 
-``cond`` keys (batched tensors from the text encoder(s)):
+Each adapter packs, positions and unpacks whatever its model wants, mirroring the diffusers pipeline that runs
+the same model at inference (cited where the logic is copied). ``cond`` keys (batched tensors from the text
+encoder(s)):
 
 - ``context`` [B, L, D], always;
 - ``mask`` [B, L], 1 = real token, 0 = padding (optional);
@@ -17,32 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol
+from typing import ClassVar, Literal
 
 import torch
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, UNet2DConditionModel
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
-
-PREDICTIONS = ("eps", "v", "flow")
-
-
-class Denoiser(Protocol):
-    """What the training loop calls. ``module`` is the root for LoRA injection (LoRA names are relative
-    to it); ``prediction`` is what ``__call__`` returns: "eps", "v" or "flow" (velocity ε - x0).
-
-    ``timestep`` is a float tensor [B]: the DDPM t in [0, 1000) for eps/v models, σ in [0, 1] for
-    flow models (x_σ = (1-σ)·x0 + σ·ε). Adapters may also offer ``set_gradient_checkpointing(bool)``.
-    """
-
-    @property
-    def module(self) -> torch.nn.Module: ...
-
-    @property
-    def prediction(self) -> str: ...
-
-    def __call__(self, noisy: torch.Tensor, timestep: torch.Tensor,
-                 cond: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
-
 
 # ---- 2x2 patch packing (FLUX and Qwen-Image share it) -------------------------------------------
 

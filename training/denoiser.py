@@ -1,0 +1,32 @@
+"""What the training loop trains: a denoiser, any model that maps noisy latents, a noise level and conditioning
+to a prediction. glue/bridge.py adapts ComfyUI's MODEL; training/diffusers_denoisers.py adapts diffusers models
+(tests, benchmarks)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+PREDICTIONS = ("eps", "v", "flow")
+
+
+class Denoiser(Protocol):
+    """What the training loop calls. ``module`` is the root for LoRA injection (LoRA names are relative
+    to it); ``prediction`` is what ``__call__`` returns: "eps", "v" or "flow" (velocity ε - x0).
+
+    ``timestep`` is a float tensor [B]: the DDPM t in [0, 1000) for eps/v models, σ in [0, 1] for
+    flow models (x_σ = (1-σ)·x0 + σ·ε). ``cond`` holds the batched conditioning (``context`` [B, L, D], and
+    what the model's text encoders and edit pairs add). Adapters may also offer
+    ``set_gradient_checkpointing(bool)``.
+    """
+
+    @property
+    def module(self) -> torch.nn.Module: ...
+
+    @property
+    def prediction(self) -> str: ...
+
+    def __call__(self, noisy: torch.Tensor, timestep: torch.Tensor,
+                 cond: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
