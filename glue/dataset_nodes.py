@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import folder_paths
 
 from ..training.captions import CaptionPolicy
 from ..training.dataset import Sample, scan_folder
+from .paths import under
 
 CATEGORY = "LoRA Trainer"
 
@@ -31,10 +31,9 @@ class LoraDataset:
 
 def resolve_folder(folder: str) -> str:
     """Absolute paths as given; relative ones inside ComfyUI's input folder."""
-    folder = folder.strip().strip('"')
-    if not folder:
+    if not folder.strip().strip('"'):
         raise ValueError("Load LoRA Dataset: 'folder' is empty; give the path of a folder of images + captions")
-    return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+    return under(folder_paths.get_input_directory(), folder, what="Load LoRA Dataset: folder", absolute=True)
 
 
 class LoadLoraDataset:

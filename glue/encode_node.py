@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import comfy.utils
@@ -11,6 +10,7 @@ import folder_paths
 from ..training.cache import CacheSettings, EncodedDataset, encode_dataset
 from .bridge import ComfyEncoders
 from .dataset_nodes import CATEGORY, LoraDataset
+from .paths import under
 
 DEFAULT_CACHE = "lora_trainer_cache"
 
@@ -26,8 +26,8 @@ class LoraEncoded:
 
 def resolve_cache_dir(cache_dir: str) -> str:
     """Absolute paths as given; relative ones inside ComfyUI's output folder (kept across restarts)."""
-    cache_dir = cache_dir.strip() or DEFAULT_CACHE
-    return cache_dir if os.path.isabs(cache_dir) else os.path.join(folder_paths.get_output_directory(), cache_dir)
+    return under(folder_paths.get_output_directory(), cache_dir.strip() or DEFAULT_CACHE,
+                 what="Encode Latents Cache: cache_dir", absolute=True)
 
 
 class EncodeLatentsCache:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -11,13 +10,14 @@ import comfy.sd
 import folder_paths
 import torch
 
+from ..training.config import DTYPES
 from ..training.formats import build_metadata, save_lora, to_state_dict
 from ..training.lora import LoraTensors
+from .dataset_nodes import CATEGORY
 from .families import Family
+from .paths import under
 
-CATEGORY = "LoRA Trainer"
 SAVE_FORMATS = ("auto", "kohya", "comfy", "diffusers")
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -77,23 +77,14 @@ def metadata_for(lora: TrainedLora, title: str) -> dict[str, str]:
 def loras_path(name: str) -> str:
     """``name`` (subfolders allowed) as a .safetensors path inside ComfyUI's first loras folder; refuse
     anything that would land outside it."""
-    cleaned = name.strip().replace("\\", "/").removesuffix(".safetensors")
-    parts = [p for p in cleaned.split("/") if p not in ("", ".")]
-    if not parts or os.path.isabs(cleaned) or ".." in parts or re.search(r"[\x00-\x1f<>:\"|?*]", cleaned):
-        raise ValueError(f"Save LoRA: name {name!r} is not allowed; use letters, digits, '-', '_' and "
-                         "'/' for subfolders inside models/loras (no '..', no absolute paths)")
-    root = os.path.abspath(folder_paths.get_folder_paths("loras")[0])
-    path = os.path.abspath(os.path.join(root, *parts) + ".safetensors")
-    if os.path.commonpath((root, path)) != root:
-        raise ValueError(f"Save LoRA: name {name!r} leaves the loras folder {root}")
-    return path
+    return under(folder_paths.get_folder_paths("loras")[0], name, what="Save LoRA: name", suffix=".safetensors")
 
 
 def write_lora(lora: TrainedLora, name: str, format: str = "auto", precision: str = "fp32") -> str:
     path = loras_path(name)
     format, layers, prefix = file_layers(lora, format)
     metadata = metadata_for(lora, title=os.path.basename(path).removesuffix(".safetensors"))
-    save_lora(path, layers, format=format, prefix=prefix, metadata=metadata, dtype=PRECISIONS[precision])
+    save_lora(path, layers, format=format, prefix=prefix, metadata=metadata, dtype=DTYPES[precision])
     return path
 
 
@@ -114,7 +105,7 @@ class SaveLora:
             "format": (list(SAVE_FORMATS), {"default": "auto", "tooltip": "auto: the family's portable format "
                                             "(kohya for SD/SDXL/FLUX, diffusers-style for Qwen). comfy: "
                                             "ComfyUI-only generic keys."}),
-            "precision": (list(PRECISIONS), {"default": "fp32", "tooltip": "fp16/bf16 halve the file; fp32 "
+            "precision": (list(DTYPES), {"default": "fp32", "tooltip": "fp16/bf16 halve the file; fp32 "
                                              "keeps it identical to what Apply LoRA uses."}),
         }}
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import comfy.model_management as mm
 import folder_paths
 import torch
 
 from ..training.checkpoint import list_checkpoints
-from ..training.config import TrainConfig
+from ..training.config import TrainConfig, precision_of
 from ..training.dataset import tag_frequency
 from ..training.loop import TrainingDiverged, TrainResult, train
 from ..training.objectives import FLOW_SAMPLINGS, OBJECTIVES
@@ -20,9 +19,9 @@ from .dataset_nodes import CATEGORY
 from .families import PRESETS, family_of, flow_shift_of, objective_for_model
 from .lora_nodes import TrainedLora, loras_path, write_lora
 from .loss_plot import loss_curve_image
+from .paths import under
 
 log = logging.getLogger(__name__)
-PRECISION_OF_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _tip(text: str, **options) -> dict:
@@ -97,7 +96,8 @@ class TrainLora:
         family = family_of(model, edit=edit)
         _check_sizes(encoded, family)
         denoiser = ComfyDenoiser(model, guidance=family.guidance if family.guidance is None else flux_guidance)
-        checkpoint_dir = os.path.join(folder_paths.get_output_directory(), "lora_trainer", name, "checkpoints")
+        checkpoint_dir = under(folder_paths.get_output_directory(), f"lora_trainer/{name}/checkpoints",
+                               what="Train LoRA: name")
         objective = objective_for_model(model, objective)
         config = TrainConfig(
             steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha or None,
@@ -106,7 +106,7 @@ class TrainLora:
             timestep_sampling=timestep_sampling, shift=flow_shift_of(model) if objective == "flow" else 1.0,
             min_snr_gamma=min_snr_gamma if objective != "flow" else 0.0,
             noise_offset=noise_offset if objective != "flow" else 0.0,
-            precision=PRECISION_OF_DTYPE.get(denoiser.dtype, "fp32") if precision == "auto" else precision,
+            precision=precision_of(denoiser.dtype) if precision == "auto" else precision,
             log_every=max(1, min(10, steps // 20)), gradient_checkpointing=gradient_checkpointing,
             checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir if checkpoint_every else None,
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from .batching import Batch, stack_conditioning
 from .buckets import image_to_tensor, make_buckets, nearest_bucket, resize_and_crop
 from .captions import CaptionPolicy
 from .dataset import Sample, load_image
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "1"
@@ -204,15 +204,8 @@ class _Cache:
             log.warning("cache entry %s is damaged; encoding it again", path)
             self.stats.rebuilt_corrupt += 1
         tensors = make()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"sha256": _digest(tensors)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path, durable=False) as temp:  # a damaged entry is found by its hash and made again
+            save_file(tensors, temp, metadata={"sha256": _digest(tensors)})
         return path
 
 

@@ -8,15 +8,14 @@ trajectory hash). It is written to a temporary folder and renamed, so a crash ne
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import RESUMABLE_CHANGES, TrainConfig
+from .files import atomic_path
 from .formats import load_lora, save_lora
 from .lora import LoraTensors
 
@@ -42,16 +41,9 @@ def save_checkpoint(folder: str | Path, lora: dict[str, LoraTensors], state: Tra
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{state.step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=".tmp_step_", dir=folder))
-    try:
+    with atomic_path(final, folder=True) as staging:
         save_lora(staging / ADAPTER_FILE, lora, format="comfy")
         torch.save(state.__dict__, staging / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint saved: %s", final)

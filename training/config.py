@@ -7,10 +7,18 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import torch
+
 from .objectives import FLOW_SAMPLINGS, FLOW_WEIGHTINGS, OBJECTIVES
 from .optim import LR_SCHEDULES, OPTIMIZERS
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision name -> dtype
+PRECISIONS = tuple(DTYPES)
+
+
+def precision_of(dtype: torch.dtype) -> str:
+    """The precision name of a model dtype (fp32 for anything else, e.g. fp8 storage computed in fp32)."""
+    return next((name for name, value in DTYPES.items() if value == dtype), "fp32")
 # Settings that may change between a checkpoint and its resumption without breaking exactness of the
 # steps already taken (e.g. "train 500 more steps").
 RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "log_every",

@@ -12,12 +12,10 @@ Files are written atomically: a crash or kill mid-write never leaves a partial f
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
 import os
-import secrets
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -26,6 +24,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from .files import atomic_path
 from .lora import LoraTensors
 
 FORMATS = ("comfy", "kohya", "diffusers")
@@ -47,7 +46,6 @@ _PARTS = {
     ".lora_B.weight": "up",
     ".alpha": "alpha",
 }
-_CHUNK = 16 << 20  # bytes per write call
 
 
 def file_module_name(path: str, *, format: str, prefix: str | None = None) -> str:
@@ -109,7 +107,8 @@ def save_lora(
     if metadata is not None:
         header.update(kohya_hashes(tensors, header))
     data = safetensors.torch.save(tensors, header or None)
-    _atomic_write(target, data)
+    with atomic_path(target) as temp:
+        temp.write_bytes(data)
     return target
 
 
@@ -227,31 +226,6 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 def _cpu(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(device="cpu", dtype=dtype).contiguous()
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    """Write to a hidden temp file beside ``target``, fsync, then rename over it in one step."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # ".tmp" keeps the partial file out of ComfyUI's model lists, which filter by extension.
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temp, "xb") as handle:
-            view = memoryview(data)
-            for start in range(0, len(view), _CHUNK):
-                handle.write(view[start : start + _CHUNK])
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:  # also on KeyboardInterrupt: remove the partial file, then re-raise
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename itself; directories can't be opened on Windows
-        directory = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
 
 
 def _read(source: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -20,7 +20,7 @@ import torch
 from .batching import Batch, TrainData
 from .buckets import plan_batches
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import DTYPES, TrainConfig
 from .denoiser import Denoiser
 from .lora import LoraAttachment, LoraTensors
 from .objectives import DDPMObjective, FlowObjective, make_objective, weighted_mse
@@ -28,7 +28,6 @@ from .optim import make_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
 EMA_DECAY = 0.9  # smoothing of the reported loss, per logging interval
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -262,7 +261,7 @@ def _accumulate_gradients(config: TrainConfig, denoiser: Denoiser, objective: DD
     """Forward + backward of ``grad_accum`` micro-batches from ``position`` on; returns their summed loss."""
     total = 0.0
     device = stream.device
-    autocast_dtype = AUTOCAST[config.precision]
+    autocast_dtype = None if config.precision == "fp32" else DTYPES[config.precision]
     for micro in range(position, position + config.grad_accum):
         batch = stream.get(micro)
         generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + micro)
