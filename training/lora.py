@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig
-from peft.tuners.lora import LoraLayer, LoraModel
+from peft.functional import (
+    cast_adapter_dtype,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 
 ADAPTER = "default"
 # B = 0 in every case, so step 0 is the base model exactly.
@@ -39,9 +44,11 @@ class LoraTensors:
 class LoraAttachment:
     """LoRA layers injected by peft into ``module`` in place; ``remove()`` restores the module tree.
 
-    peft's ``LoraModel`` does the injection (Linear and its subclasses such as ComfyUI's ops, Conv2d)
-    and the unloading. What peft changes besides — every other parameter's ``requires_grad`` — is
-    recorded here and put back on removal, so the caller's model leaves exactly as it came.
+    peft's public functional API does the work: ``inject_adapter_in_model`` wraps the targets (Linear and its
+    subclasses such as ComfyUI's ops, Conv2d), ``get/set_peft_model_state_dict`` read and write the adapter,
+    ``cast_adapter_dtype`` keeps it in fp32 whatever the model's dtype. Removal puts each wrapper's
+    ``get_base_layer()`` back in its place, and what peft changes besides (every other parameter's
+    ``requires_grad``) is put back too, so the caller's model leaves exactly as it came.
     """
 
     def __init__(
@@ -64,8 +71,9 @@ class LoraAttachment:
             targets = sorted(initial)
         elif targets == ALL_LINEAR:
             targets = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
-        self.module = module
+        self.module, self.alpha = module, float(alpha)
         self._requires_grad = {name: p.requires_grad for name, p in module.named_parameters()}
+        self._attributes = set(vars(module))  # peft notes its config on the module (peft_config)
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
@@ -74,30 +82,25 @@ class LoraAttachment:
             init_lora_weights=LORA_INITS[init],
         )
         try:
-            self._tuner = LoraModel(module, config, adapter_name=ADAPTER)
+            inject_adapter_in_model(config, module, adapter_name=ADAPTER)
         except ValueError as error:
             raise ValueError(f"Could not attach LoRA to targets {targets!r}: {error}") from error
-        self.layers: dict[str, LoraLayer] = {
-            name: layer for name, layer in module.named_modules() if isinstance(layer, LoraLayer)
-        }
-        for layer in self.layers.values():
-            layer.lora_A[ADAPTER].float()
-            layer.lora_B[ADAPTER].float()
+        cast_adapter_dtype(module, ADAPTER)
+        self.layers = sorted({key.rsplit(".lora_", 1)[0] for key in self._state_dict()})
         if initial:
             self.load(initial)
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        """The trainable adapter parameters (fp32), in a stable order."""
-        return [p for name in sorted(self.layers) for p in self._pair(name)]
+        """The trainable adapter parameters (fp32), in a stable order: per layer, down then up."""
+        params = dict(self.module.named_parameters())
+        return [params[f"{name}.lora_{part}.{ADAPTER}.weight"] for name in self.layers for part in ("A", "B")]
 
     def tensors(self) -> dict[str, LoraTensors]:
         """A detached fp32 CPU copy of the adapter, keyed by module path."""
-        out = {}
-        for name, layer in sorted(self.layers.items()):
-            down, up = self._pair(name)
-            alpha = layer.scaling[ADAPTER] * layer.r[ADAPTER]
-            out[name] = LoraTensors(down.detach().float().cpu().clone(), up.detach().float().cpu().clone(), alpha)
-        return out
+        state = self._state_dict()
+        return {name: LoraTensors(state[f"{name}.lora_A.weight"].detach().float().cpu().clone(),
+                                  state[f"{name}.lora_B.weight"].detach().float().cpu().clone(), self.alpha)
+                for name in self.layers}
 
     @torch.no_grad()
     def load(self, layers: Mapping[str, LoraTensors]) -> None:
@@ -105,23 +108,27 @@ class LoraAttachment:
         unknown = sorted(set(layers) - set(self.layers))
         if unknown:
             raise ValueError(f"LoRA weights for modules that are not adapted: {unknown[:10]}")
+        state = self._state_dict()
         for name, tensors in layers.items():
-            down, up = self._pair(name)
+            down, up = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
             if down.shape != tensors.down.shape or up.shape != tensors.up.shape:
                 raise ValueError(
                     f"LoRA shapes for {name} differ: model {tuple(down.shape)}/{tuple(up.shape)}, "
                     f"given {tuple(tensors.down.shape)}/{tuple(tensors.up.shape)}"
                 )
-            down.copy_(tensors.down)
-            up.copy_(tensors.up)
+        weights = {f"{name}.lora_{part}.weight": getattr(tensors, side).to(state[f"{name}.lora_{part}.weight"])
+                   for name, tensors in layers.items() for part, side in (("A", "down"), ("B", "up"))}
+        set_peft_model_state_dict(self.module, weights, adapter_name=ADAPTER)
 
     def remove(self) -> None:
         """Take every LoRA layer out; the module tree and its outputs are the original ones again."""
-        if self._tuner is None:
-            return
-        self._tuner.unload()
-        self._tuner = None
-        self.layers = {}
+        for name in self.layers:
+            parent, _, child = name.rpartition(".")
+            owner = self.module.get_submodule(parent) if parent else self.module
+            setattr(owner, child, getattr(owner, child).get_base_layer())
+        self.layers = []
+        for name in set(vars(self.module)) - self._attributes:
+            delattr(self.module, name)
         for name, param in self.module.named_parameters():
             wanted = self._requires_grad.get(name, param.requires_grad)
             if param.requires_grad != wanted:
@@ -135,9 +142,9 @@ class LoraAttachment:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def _pair(self, name: str) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
-        layer = self.layers[name]
-        return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    def _state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter as peft names it: ``<module path>.lora_A.weight`` / ``.lora_B.weight`` (live tensors)."""
+        return get_peft_model_state_dict(self.module, adapter_name=ADAPTER)
 
 
 def _uniform_rank_alpha(layers: Mapping[str, LoraTensors]) -> tuple[int, float]:

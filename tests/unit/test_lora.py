@@ -35,6 +35,7 @@ def test_step_zero_and_removal_are_exact_and_restore_the_tree():
     base = model(x, y)
     modules_before = {name: type(m) for name, m in model.named_modules()}
     flags_before = {name: p.requires_grad for name, p in model.named_parameters()}
+    attributes_before = dict(vars(model))
     attachment = LoraAttachment(model, ["to_q", "to_k", "proj"], rank=4, alpha=8)
     assert sorted(attachment.layers) == ["proj", "to_k", "to_q"]
     with torch.no_grad():
@@ -47,6 +48,7 @@ def test_step_zero_and_removal_are_exact_and_restore_the_tree():
     attachment.remove()
     assert {name: type(m) for name, m in model.named_modules()} == modules_before
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags_before
+    assert vars(model).keys() == attributes_before.keys()  # nothing peft noted on the module is left
     assert all(torch.equal(a, b) for a, b in zip(model(x, y), base))
 
 
