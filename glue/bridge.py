@@ -18,6 +18,7 @@ import torch.overrides
 import torch.utils.checkpoint
 
 from ..training.batching import Batch, TrainData
+from ..training.denoiser import NoiseSchedule
 from ..training.loop import StepInfo
 from .families import prediction_of
 
@@ -37,6 +38,7 @@ class ComfyDenoiser:
     def __init__(self, model, guidance: float | None = None):
         self.base = model.model
         self.module = self.base.diffusion_model
+        self.sampling = model.get_model_object("model_sampling")  # with ModelSampling* nodes' patches
         self.prediction = prediction_of(model)
         self.guidance = guidance  # FLUX-dev's guidance embedding while training (None: ComfyUI's default)
         self.in_place_residuals = type(self.module).__name__ == "Flux"  # see OutOfPlaceAdds
@@ -46,9 +48,19 @@ class ComfyDenoiser:
     def dtype(self) -> torch.dtype:
         return self.base.manual_cast_dtype or self.base.get_dtype()
 
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The model's own noise schedule, from ComfyUI's model_sampling: ᾱ_t = 1 / (1 + σ_t²) for DDPM models;
+        for flow models the SD3-style shift s with σ(½) = s / (1 + s) (FLUX's model_sampling states its shift
+        as log s, SD3's and Qwen's as s)."""
+        if self.prediction == "flow":
+            half = float(self.sampling.sigma(self.sampling.timestep(torch.tensor(0.5))))
+            return NoiseSchedule(shift=half / (1 - half))
+        return NoiseSchedule(alphas_cumprod=1 / (1 + self.sampling.sigmas.double() ** 2))
+
     def __call__(self, noisy: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         # DDPM gets its discrete t as is; flow σ becomes the model's timestep through model_sampling.
-        t = self.base.model_sampling.timestep(timestep) if self.prediction == "flow" else timestep
+        t = self.sampling.timestep(timestep) if self.prediction == "flow" else timestep
         kwargs = self.model_inputs(noisy, cond)
         x = noisy
         if "c_concat" in kwargs:

@@ -98,7 +98,7 @@ def family_of(model, edit: bool = False) -> Family:
 
 def prediction_of(model) -> str:
     """eps / v / flow, from ComfyUI's model_sampling (V_PREDICTION subclasses EPS: test it first)."""
-    sampling = model.model.model_sampling
+    sampling = model.get_model_object("model_sampling")
     if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
         return "v"
     if isinstance(sampling, comfy.model_sampling.CONST):
@@ -107,14 +107,3 @@ def prediction_of(model) -> str:
         return "eps"
     raise ValueError(f"Cannot train a model with {type(sampling).__name__} sampling (EDM, x0, ...): "
                      "only eps, v-prediction and flow models are supported")
-
-
-def objective_for_model(model, choice: str) -> str:
-    """``auto`` -> the model's own objective; an explicit choice is kept."""
-    if choice != "auto":
-        return choice
-    return {"eps": "ddpm-eps", "v": "ddpm-v", "flow": "flow"}[prediction_of(model)]
-
-
-def flow_shift_of(model) -> float:
-    return float(getattr(model.model.model_sampling, "shift", 1.0))

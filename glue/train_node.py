@@ -9,14 +9,14 @@ import folder_paths
 import torch
 
 from ..training.checkpoint import list_checkpoints
-from ..training.config import TrainConfig, precision_of
+from ..training.config import TrainConfig
 from ..training.dataset import tag_frequency
 from ..training.loop import TrainingDiverged, TrainResult, train
 from ..training.objectives import FLOW_SAMPLINGS, OBJECTIVES
 from ..training.optim import LR_SCHEDULES
 from .bridge import ComfyDenoiser, LatentsIn, Progress, interrupt_now, load_for_training, training_mode
 from .dataset_nodes import CATEGORY
-from .families import PRESETS, family_of, flow_shift_of, objective_for_model
+from .families import PRESETS, family_of
 from .lora_nodes import TrainedLora, loras_path, write_lora
 from .loss_plot import loss_curve_image
 from .paths import under
@@ -98,15 +98,11 @@ class TrainLora:
         denoiser = ComfyDenoiser(model, guidance=family.guidance if family.guidance is None else flux_guidance)
         checkpoint_dir = under(folder_paths.get_output_directory(), f"lora_trainer/{name}/checkpoints",
                                what="Train LoRA: name")
-        objective = objective_for_model(model, objective)
         config = TrainConfig(
-            steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha or None,
-            targets=family.targets(targets), objective=objective, batch_size=batch_size, seed=seed,
-            lr_schedule=lr_schedule, warmup_steps=warmup_steps, grad_accum=grad_accum,
-            timestep_sampling=timestep_sampling, shift=flow_shift_of(model) if objective == "flow" else 1.0,
-            min_snr_gamma=min_snr_gamma if objective != "flow" else 0.0,
-            noise_offset=noise_offset if objective != "flow" else 0.0,
-            precision=precision_of(denoiser.dtype) if precision == "auto" else precision,
+            steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, targets=family.targets(targets),
+            objective=objective, batch_size=batch_size, seed=seed, lr_schedule=lr_schedule,
+            warmup_steps=warmup_steps, grad_accum=grad_accum, timestep_sampling=timestep_sampling,
+            min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, precision=precision,
             log_every=max(1, min(10, steps // 20)), gradient_checkpointing=gradient_checkpointing,
             checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir if checkpoint_every else None,
         )
@@ -121,7 +117,7 @@ class TrainLora:
         data = LatentsIn(encoded.data, model)
 
         def as_lora(result: TrainResult) -> TrainedLora:
-            return TrainedLora(result.lora, family, result.steps_done, config.to_dict(), encoded.dataset.resolution,
+            return TrainedLora(result.lora, family, result.steps_done, result.config.to_dict(), encoded.dataset.resolution,
                                tag_frequency(encoded.dataset.samples), encoded.dataset.policy.trigger,
                                result.cancelled)
 
@@ -140,10 +136,10 @@ class TrainLora:
             progress.text(message)
             interrupt_now()
         last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
-        report = (f"{family.name} LoRA, {objective}, rank {rank}, {len(lora.layers)} layers, "
+        report = (f"{family.name} LoRA, {result.objective}, rank {rank}, {len(lora.layers)} layers, "
                   f"{result.steps_done} steps, final loss {last}"
                   + (", gradient checkpointing on" if result.gradient_checkpointing else ""))
-        return (lora, loss_curve_image(result.losses, title=f"{name}: loss ({objective})"), report)
+        return (lora, loss_curve_image(result.losses, title=f"{name}: loss ({result.objective})"), report)
 
 
 def _check_sizes(encoded, family) -> None:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .objectives import FLOW_SAMPLINGS, FLOW_WEIGHTINGS, OBJECTIVES
+from .denoiser import NoiseSchedule
+from .objectives import FLOW_SAMPLINGS, FLOW_WEIGHTINGS, OBJECTIVES, resolve_objective
 from .optim import LR_SCHEDULES, OPTIMIZERS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision name -> dtype
@@ -35,19 +36,19 @@ class TrainConfig:
     seed: int = 0
     # LoRA
     rank: int = 16
-    alpha: float | None = None  # None: alpha = rank (scale 1)
+    alpha: float = 0.0  # 0: alpha = rank (scale 1)
     lora_dropout: float = 0.0
     lora_init: str = "kaiming"
     targets: tuple[str, ...] | str = ("to_q", "to_k", "to_v", "to_out.0")  # name suffixes, or one regex
     # objective
-    objective: str = "flow"  # one of OBJECTIVES; callers resolve "auto" from the model first
-    min_snr_gamma: float = 0.0  # DDPM: 0 = off, 5 is the paper's choice
+    objective: str = "auto"  # auto: the model's own; or one of OBJECTIVES (it must fit the model)
+    min_snr_gamma: float = 5.0  # DDPM: 0 = off, 5 is the paper's choice
     noise_offset: float = 0.0  # DDPM
     timestep_sampling: str = "logit_normal"  # flow
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    shift: float = 1.0  # flow: fixed timestep shift
+    shift: float | None = None  # flow: fixed timestep shift; None: the model's own
     dynamic_shift: bool = False  # flow: FLUX's resolution-dependent shift instead
     loss_weighting: str = "none"  # flow
     # optimisation
@@ -57,8 +58,8 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_cycles: int = 1
     max_grad_norm: float = 1.0  # 0: no clipping
-    precision: str = "fp32"  # autocast dtype for the forward pass; adapters always fp32
-    gradient_checkpointing: str = "off"  # one of CHECKPOINTING (True/False are read as on/off)
+    precision: str = "auto"  # autocast dtype for the forward pass (auto: the model's); adapters always fp32
+    gradient_checkpointing: str = "auto"  # one of CHECKPOINTING (True/False are read as on/off)
     # reporting and safety
     log_every: int = 10  # one host-device sync per interval: loss, NaN check
     checkpoint_every: int = 0  # 0: no periodic checkpoints
@@ -71,18 +72,20 @@ class TrainConfig:
         _positive(self, "steps", "batch_size", "grad_accum", "rank", "log_every", "keep_checkpoints", "lr_cycles")
         _non_negative(self, "min_snr_gamma", "noise_offset", "weight_decay", "warmup_steps", "max_grad_norm",
                       "checkpoint_every", "lora_dropout")
-        _choice(self, "objective", OBJECTIVES)
+        _choice(self, "objective", ("auto", *OBJECTIVES))
         _choice(self, "timestep_sampling", FLOW_SAMPLINGS)
         _choice(self, "loss_weighting", FLOW_WEIGHTINGS)
         _choice(self, "optimizer", tuple(OPTIMIZERS))
         _choice(self, "lr_schedule", LR_SCHEDULES)
-        _choice(self, "precision", PRECISIONS)
+        _choice(self, "precision", ("auto", *PRECISIONS))
         _choice(self, "lora_init", ("kaiming", "gaussian"))
         _choice(self, "gradient_checkpointing", CHECKPOINTING)
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0 (or None for alpha = rank), got {self.alpha}")
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0 (0: alpha = rank), got {self.alpha}")
+        if self.shift is not None and not self.shift > 0:
+            raise ValueError(f"shift must be > 0 (or None for the model's own), got {self.shift}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.checkpoint_every and not self.checkpoint_dir:
@@ -94,7 +97,18 @@ class TrainConfig:
 
     @property
     def lora_alpha(self) -> float:
-        return float(self.rank if self.alpha is None else self.alpha)
+        return float(self.alpha or self.rank)
+
+    def for_model(self, prediction: str, schedule: NoiseSchedule, dtype: torch.dtype) -> TrainConfig:
+        """These settings made concrete for a model that predicts ``prediction`` with ``schedule`` and computes in
+        ``dtype``: ``auto`` objective and precision, and a flow shift of None, become the model's own; the other
+        objective's options are turned off. The one place those are decided."""
+        objective = resolve_objective(self.objective, prediction)
+        flow = objective == "flow"
+        return dataclasses.replace(
+            self, objective=objective, shift=(self.shift or schedule.shift) if flow else None,
+            min_snr_gamma=0.0 if flow else self.min_snr_gamma, noise_offset=0.0 if flow else self.noise_offset,
+            precision=precision_of(dtype) if self.precision == "auto" else self.precision)
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)

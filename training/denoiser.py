@@ -5,11 +5,23 @@ to a prediction. glue/bridge.py adapts ComfyUI's MODEL; training/diffusers_denoi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 PREDICTIONS = ("eps", "v", "flow")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The noise schedule the model was trained with and samples with, which training uses too.
+
+    DDPM models: ``alphas_cumprod`` (ᾱ_t for t = 0 … T-1; None: SD's scaled-linear β 0.00085-0.012 over 1000
+    steps). Flow models: ``shift``, as an SD3-style factor (σ' = s·σ / (1 + (s-1)·σ))."""
+
+    alphas_cumprod: torch.Tensor | None = None
+    shift: float = 1.0
 
 
 class Denoiser(Protocol):
@@ -18,8 +30,9 @@ class Denoiser(Protocol):
 
     ``timestep`` is a float tensor [B]: the DDPM t in [0, 1000) for eps/v models, σ in [0, 1] for
     flow models (x_σ = (1-σ)·x0 + σ·ε). ``cond`` holds the batched conditioning (``context`` [B, L, D], and
-    what the model's text encoders and edit pairs add). Adapters may also offer
-    ``set_gradient_checkpointing(bool)``.
+    what the model's text encoders and edit pairs add). Adapters may also offer ``schedule`` (a NoiseSchedule;
+    without it, the defaults above), ``dtype`` (what the forward pass computes in; without it, the weights'
+    dtype) and ``set_gradient_checkpointing(bool)``.
     """
 
     @property

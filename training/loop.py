@@ -21,7 +21,7 @@ from .batching import Batch, TrainData
 from .buckets import plan_batches
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .config import DTYPES, TrainConfig
-from .denoiser import Denoiser
+from .denoiser import Denoiser, NoiseSchedule
 from .lora import LoraAttachment, LoraTensors
 from .objectives import DDPMObjective, FlowObjective, make_objective, weighted_mse
 from .optim import make_optimizer, make_schedule
@@ -46,10 +46,14 @@ class TrainResult:
     lora: dict[str, LoraTensors]
     steps_done: int
     cancelled: bool
-    objective: str
+    config: TrainConfig  # as trained: objective, shift and precision resolved for the model
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss of the interval)
     data_wait_s: float = 0.0  # time the loop waited for batches
     gradient_checkpointing: bool = False  # whether it ended up on (auto turns it on after running out of memory)
+
+    @property
+    def objective(self) -> str:
+        return self.config.objective
 
 
 class TrainingDiverged(RuntimeError):
@@ -60,20 +64,15 @@ class TrainingDiverged(RuntimeError):
         self.result = result
 
 
-def objective_for(config: TrainConfig) -> DDPMObjective | FlowObjective:
+def objective_for(config: TrainConfig, schedule: NoiseSchedule = NoiseSchedule()) -> DDPMObjective | FlowObjective:
+    """The objective of a resolved config (``TrainConfig.for_model``) on a model with ``schedule``."""
     if config.objective == "flow":
         return make_objective("flow", sampling=config.timestep_sampling, logit_mean=config.logit_mean,
-                              logit_std=config.logit_std, mode_scale=config.mode_scale, shift=config.shift,
-                              dynamic_shift=config.dynamic_shift, weighting=config.loss_weighting)
-    return make_objective(config.objective, min_snr_gamma=config.min_snr_gamma, noise_offset=config.noise_offset)
-
-
-def check_objective(config: TrainConfig, denoiser: Denoiser) -> None:
-    """A flow model trained with DDPM targets (or the reverse) learns garbage: refuse it."""
-    model_is_flow = denoiser.prediction == "flow"
-    if model_is_flow != (config.objective == "flow"):
-        raise ValueError(f"objective {config.objective!r} does not fit a model that predicts "
-                         f"{denoiser.prediction!r}; use 'auto' or the model's own objective")
+                              logit_std=config.logit_std, mode_scale=config.mode_scale,
+                              shift=config.shift or schedule.shift, dynamic_shift=config.dynamic_shift,
+                              weighting=config.loss_weighting)
+    return make_objective(config.objective, min_snr_gamma=config.min_snr_gamma, noise_offset=config.noise_offset,
+                          alphas_cumprod=schedule.alphas_cumprod)
 
 
 class BatchStream:
@@ -125,16 +124,19 @@ def train(
     initial_lora: dict[str, LoraTensors] | None = None,
     interrupts: tuple[type[BaseException], ...] = (),
 ) -> TrainResult:
-    """Train a LoRA on ``denoiser`` and return it; the model is left as it came.
+    """Train a LoRA on ``denoiser`` and return it; the model is left as it came. The config's ``auto`` settings
+    become the model's own (``TrainConfig.for_model``); the result holds the config as trained.
 
     ``should_stop`` is polled before every step; ``interrupts`` are exception types that the host may
     raise from inside a step (ComfyUI's Cancel does, from its layers): both end the run early with
     ``cancelled`` set and the adapter of the last completed step.
     """
-    check_objective(config, denoiser)
-    objective = objective_for(config)
     module = denoiser.module
-    device = next(module.parameters()).device
+    weight = next(module.parameters())
+    device = weight.device
+    schedule = getattr(denoiser, "schedule", NoiseSchedule())
+    config = config.for_model(denoiser.prediction, schedule, getattr(denoiser, "dtype", weight.dtype))
+    objective = objective_for(config, schedule)
     devices = [device.index or 0] if device.type == "cuda" else []
     was_training = module.training
     with torch.random.fork_rng(devices=devices):  # the host's global RNG is left as it was
@@ -177,7 +179,7 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     module = denoiser.module
     module.train()
 
-    result = TrainResult(attachment.tensors(), step, False, objective.name)
+    result = TrainResult(attachment.tensors(), step, False, config)
     good = [p.detach().clone() for p in params]  # last adapter known finite, for the NaN guard
     loss_sum = torch.zeros((), device=device)
     interval_steps, interval_start, started, first_step = 0, time.perf_counter(), time.perf_counter(), step

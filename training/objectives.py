@@ -38,9 +38,11 @@ class NoisedBatch:
 
 
 class DDPMObjective:
-    """DDPM with the SD schedule (scaled_linear β from 0.00085 to 0.012 over 1000 steps)."""
+    """DDPM with the model's own schedule (``alphas_cumprod``), by default SD's (scaled_linear β from 0.00085 to
+    0.012 over 1000 steps)."""
 
-    def __init__(self, prediction: str = "eps", *, min_snr_gamma: float = 0.0, noise_offset: float = 0.0):
+    def __init__(self, prediction: str = "eps", *, min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
+                 alphas_cumprod: torch.Tensor | None = None):
         if prediction not in ("eps", "v"):
             raise ValueError(f"DDPM prediction must be 'eps' or 'v', got {prediction!r}")
         if min_snr_gamma < 0 or noise_offset < 0:
@@ -49,10 +51,15 @@ class DDPMObjective:
         self.prediction = prediction
         self.min_snr_gamma = min_snr_gamma
         self.noise_offset = noise_offset
-        self.scheduler = DDPMScheduler(
-            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            prediction_type="epsilon" if prediction == "eps" else "v_prediction",
-        )
+        prediction_type = "epsilon" if prediction == "eps" else "v_prediction"
+        if alphas_cumprod is None:
+            self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                           beta_schedule="scaled_linear", prediction_type=prediction_type)
+        else:  # ᾱ_t = Π(1 - β), so β_t = 1 - ᾱ_t / ᾱ_(t-1)
+            abar = alphas_cumprod.double().cpu()
+            betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+            self.scheduler = DDPMScheduler(num_train_timesteps=len(abar), trained_betas=betas.numpy(),
+                                           prediction_type=prediction_type)
 
     def sample_timesteps(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         steps = self.scheduler.config.num_train_timesteps
@@ -137,6 +144,20 @@ def flux_mu(image_seq_len: int, base_seq: int = 256, max_seq: int = 4096, base_s
     """FLUX's log-shift, linear in the number of image tokens (diffusers' ``calculate_shift``)."""
     slope = (max_shift - base_shift) / (max_seq - base_seq)
     return image_seq_len * slope + (base_shift - slope * base_seq)
+
+
+def resolve_objective(choice: str, prediction: str) -> str:
+    """The objective for a model that predicts ``prediction`` (eps / v / flow): ``auto`` gives its own; an explicit
+    choice must fit it (a flow model trained with DDPM targets, or the reverse, learns garbage)."""
+    own = {"eps": "ddpm-eps", "v": "ddpm-v", "flow": "flow"}[prediction]
+    if choice == "auto":
+        return own
+    if choice not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {choice!r}; choose one of {('auto', *OBJECTIVES)}")
+    if (choice == "flow") != (prediction == "flow"):
+        raise ValueError(f"objective {choice!r} does not fit a model that predicts {prediction!r}; use 'auto' or "
+                         "the model's own objective")
+    return choice
 
 
 def make_objective(name: str, **options: object) -> DDPMObjective | FlowObjective:

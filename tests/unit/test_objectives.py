@@ -129,3 +129,30 @@ def test_unknown_names_list_the_valid_ones():
         FlowObjective(sampling="sigmoid")
     with pytest.raises(ValueError, match="cosmap"):
         FlowObjective(weighting="snr")
+
+
+def test_ddpm_trains_with_the_models_own_schedule():
+    """The schedule comes from the model (ᾱ_t); SD's, given as ᾱ, is the default one exactly."""
+    x0, noise = _x0_noise()
+    t = torch.tensor([0, 10, 500, 999])
+    default = DDPMObjective("v")
+    same = DDPMObjective("v", alphas_cumprod=default.scheduler.alphas_cumprod)
+    torch.testing.assert_close(same.make(x0, noise, t).noisy, default.make(x0, noise, t).noisy)
+    linear = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)  # another model's
+    own = DDPMObjective("v", alphas_cumprod=linear).make(x0, noise, t)
+    abar = linear[t].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(own.noisy, abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+
+
+def test_auto_settings_become_the_models_own_once():
+    from training.config import TrainConfig
+    from training.denoiser import NoiseSchedule
+
+    flow = TrainConfig(noise_offset=0.1).for_model("flow", NoiseSchedule(shift=3.0), torch.bfloat16)
+    assert (flow.objective, flow.shift, flow.precision, flow.min_snr_gamma, flow.noise_offset) == \
+        ("flow", 3.0, "bf16", 0.0, 0.0)
+    assert TrainConfig(shift=2.0).for_model("flow", NoiseSchedule(shift=3.0), torch.float32).shift == 2.0
+    v = TrainConfig(precision="fp16").for_model("v", NoiseSchedule(), torch.float32)
+    assert (v.objective, v.shift, v.precision, v.min_snr_gamma) == ("ddpm-v", None, "fp16", 5.0)
+    with pytest.raises(ValueError, match="does not fit a model that predicts 'eps'"):
+        TrainConfig(objective="flow").for_model("eps", NoiseSchedule(), torch.float32)
