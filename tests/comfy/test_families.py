@@ -68,9 +68,9 @@ def _probe_loss(pack, model, batch, config, guidance):
 @pytest.mark.parametrize("family", list(TINY))
 def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirely(comfy, pack, family):
     import folder_paths
-    from comfy import model_sampling
     from comfy import lora as comfy_lora
     from comfy import model_management as mm
+    from comfy import model_sampling
     from comfy import utils as comfy_utils
 
     objective, base_version, architecture, first_key = EXPECTED[family]
