@@ -38,10 +38,7 @@ def train_then_generate(*, ckpt: str | None = None, unet: str | None = None, cli
     ``vae``) as FLUX and Qwen-Image ship. FLUX's prompt goes through FluxGuidance; Qwen samples with
     ModelSamplingAuraFlow's shift; Qwen-Image-Edit trains on edit pairs and edits ``edit_image``, sent
     through TextEncodeQwenImageEdit as ComfyUI's own workflows do."""
-    train = dict(steps=steps, learning_rate=lr, rank=rank, alpha=0.0, targets="attention", objective="auto",
-                 batch_size=1, seed=0, name=name, lr_schedule="constant", warmup_steps=0, grad_accum=1,
-                 timestep_sampling="logit_normal", min_snr_gamma=5.0, noise_offset=0.0, precision="auto",
-                 flux_guidance=1.0, gradient_checkpointing="auto", checkpoint_every=0, resume=False)
+    train = dict(steps=steps, learning_rate=lr, rank=rank, name=name)  # the rest: the node's defaults
     sampler = dict(seed=42, steps=sample_steps, cfg=cfg, sampler_name="euler", scheduler=scheduler, denoise=1.0)
     edit = edit_image is not None
     if ckpt is not None:
@@ -144,14 +141,35 @@ def input_specs(cls) -> list[tuple[str, object]]:
     return [(name, spec[0]) for section in ("required", "optional") for name, spec in types.get(section, {}).items()]
 
 
+def widget_values(kind: str, node_id: int, widgets: dict, cls) -> dict:
+    """The node's widget values in input order: the graph's, else the node's own defaults (so the workflows
+    take the Train LoRA defaults from the node, which takes them from TrainConfig)."""
+    types = cls.INPUT_TYPES()
+    values = {}
+    for section in ("required", "optional"):
+        for name, spec in types.get(section, {}).items():
+            if not is_widget(spec[0]):
+                continue
+            if name in widgets:
+                values[name] = widgets[name]
+            elif len(spec) > 1 and "default" in spec[1]:
+                values[name] = spec[1]["default"]
+            else:
+                raise ValueError(f"{kind} (node {node_id}) needs a value for its widget {name!r}")
+    unknown = set(widgets) - set(values)
+    if unknown:
+        raise ValueError(f"{kind} (node {node_id}) has no widget {sorted(unknown)}")
+    return values
+
+
 def is_widget(kind: object) -> bool:
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
-def api_format(graph: list[tuple]) -> dict:
+def api_format(graph: list[tuple], classes: dict) -> dict:
     out = {}
     for node_id, kind, widgets, links, _, _ in graph:
-        inputs = dict(widgets)
+        inputs = widget_values(kind, node_id, widgets, classes[kind])
         inputs.update({name: [str(src), slot] for name, (src, slot) in links.items()})
         out[str(node_id)] = {"class_type": kind, "inputs": inputs}
     return out
@@ -169,12 +187,11 @@ def ui_format(graph: list[tuple], classes: dict) -> dict:
     for order, (node_id, kind, widgets, node_links, column, row) in enumerate(graph):
         cls = classes[kind]
         specs = input_specs(cls)
+        widget_value = widget_values(kind, node_id, widgets, cls)
         inputs, values = [], []
         for name, spec in specs:
             if is_widget(spec):
-                if name not in widgets:
-                    raise ValueError(f"{kind} (node {node_id}) needs a value for its widget {name!r}")
-                values.append(widgets[name])
+                values.append(widget_value[name])
                 if name in SEED_NAMES:
                     values.append("fixed")
             else:
@@ -203,7 +220,7 @@ def main() -> None:
     folder.mkdir(exist_ok=True)
     for name, graph in WORKFLOWS.items():
         (folder / f"{name}.json").write_text(json.dumps(ui_format(graph, nodes.NODE_CLASS_MAPPINGS), indent=1) + "\n")
-        (folder / f"{name}_api.json").write_text(json.dumps(api_format(graph), indent=1) + "\n")
+        (folder / f"{name}_api.json").write_text(json.dumps(api_format(graph, nodes.NODE_CLASS_MAPPINGS), indent=1) + "\n")
         print(f"wrote workflows/{name}.json and workflows/{name}_api.json")
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .denoiser import NoiseSchedule
+from .lora import LORA_INITS
 from .objectives import FLOW_SAMPLINGS, FLOW_WEIGHTINGS, OBJECTIVES, resolve_objective
 from .optim import LR_SCHEDULES, OPTIMIZERS
 
@@ -24,76 +25,99 @@ def precision_of(dtype: torch.dtype) -> str:
 # steps already taken (e.g. "train 500 more steps").
 RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "log_every",
                                "gradient_checkpointing"})
-CHECKPOINTING = ("off", "on", "auto")  # auto: off until a step runs out of memory, then on
+CHECKPOINTING = ("auto", "off", "on")  # auto: off until a step runs out of memory, then on
+
+
+@dataclass(frozen=True)
+class Option:
+    """What a setting means and which values it takes. TrainConfig checks its values against these; the Train
+    LoRA node builds its inputs (tooltip, default, range, choices) from them, and the workflows take the node's
+    defaults: one definition of every training option."""
+
+    help: str
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def check(self, name: str, value: object) -> None:
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{name} must be one of {list(self.choices)}, got {value!r}")
+        if self.min is not None and value < self.min:
+            raise ValueError(f"{name} must be >= {self.min}, got {value}")
+        if self.max is not None and value > self.max:
+            raise ValueError(f"{name} must be <= {self.max}, got {value}")
+
+
+def _option(default: object, help: str, **spec: object):
+    return field(default=default, metadata={"option": Option(help, **spec)})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 500
-    learning_rate: float = 1e-4
-    batch_size: int = 1
-    grad_accum: int = 1
-    seed: int = 0
+    steps: int = _option(500, "Optimizer steps.", min=1, max=1_000_000)
+    learning_rate: float = _option(1e-4, "Learning rate (1e-4 is a common start for AdamW).", min=1e-7, max=1.0,
+                                   step=1e-5)
+    batch_size: int = _option(1, "Images per step (all of one bucket shape).", min=1, max=64)
+    grad_accum: int = _option(1, "Batches per optimizer step.", min=1, max=256)
+    seed: int = _option(0, "Seeds LoRA init, batch order, noise and timesteps.", min=0, max=2**31 - 1)
     # LoRA
-    rank: int = 16
-    alpha: float = 0.0  # 0: alpha = rank (scale 1)
-    lora_dropout: float = 0.0
-    lora_init: str = "kaiming"
+    rank: int = _option(16, "LoRA rank: capacity and file size.", min=1, max=256)
+    alpha: float = _option(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).", min=0.0, max=1024.0, step=0.5)
+    lora_dropout: float = _option(0.0, "Dropout on the LoRA path while training.", min=0.0, max=0.99, step=0.01)
+    lora_init: str = _option("kaiming", "LoRA A initialisation (B starts at zero).", choices=tuple(LORA_INITS))
     targets: tuple[str, ...] | str = ("to_q", "to_k", "to_v", "to_out.0")  # name suffixes, or one regex
     # objective
-    objective: str = "auto"  # auto: the model's own; or one of OBJECTIVES (it must fit the model)
-    min_snr_gamma: float = 5.0  # DDPM: 0 = off, 5 is the paper's choice
-    noise_offset: float = 0.0  # DDPM
-    timestep_sampling: str = "logit_normal"  # flow
+    objective: str = _option("auto", "auto reads the model: eps/v-prediction models get DDPM targets, flow models "
+                             "rectified flow. An explicit choice must fit the model.", choices=("auto", *OBJECTIVES))
+    min_snr_gamma: float = _option(5.0, "DDPM models: min-SNR-γ loss weighting; 0 turns it off.", min=0.0,
+                                   max=100.0, step=0.5)
+    noise_offset: float = _option(0.0, "DDPM models: noise offset (0.05 helps dark/bright images).", min=0.0,
+                                  max=1.0, step=0.01)
+    timestep_sampling: str = _option("logit_normal", "Flow models: how σ is drawn.", choices=FLOW_SAMPLINGS)
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
     shift: float | None = None  # flow: fixed timestep shift; None: the model's own
     dynamic_shift: bool = False  # flow: FLUX's resolution-dependent shift instead
-    loss_weighting: str = "none"  # flow
+    loss_weighting: str = _option("none", "Flow models: loss weight by σ.", choices=FLOW_WEIGHTINGS)
     # optimisation
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-2
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    lr_cycles: int = 1
-    max_grad_norm: float = 1.0  # 0: no clipping
-    precision: str = "auto"  # autocast dtype for the forward pass (auto: the model's); adapters always fp32
-    gradient_checkpointing: str = "auto"  # one of CHECKPOINTING (True/False are read as on/off)
+    optimizer: str = _option("adamw", "Optimizer.", choices=tuple(OPTIMIZERS))
+    weight_decay: float = _option(1e-2, "Optimizer weight decay.", min=0.0)
+    lr_schedule: str = _option("constant", "Learning-rate schedule.", choices=LR_SCHEDULES)
+    warmup_steps: int = _option(0, "Linear warm-up steps.", min=0, max=100_000)
+    lr_cycles: int = _option(1, "Cycles of the cosine_with_restarts schedule.", min=1)
+    max_grad_norm: float = _option(1.0, "Gradient clipping norm; 0: no clipping.", min=0.0)
+    precision: str = _option("auto", "Forward-pass precision; auto = the model's. Adapters are always fp32.",
+                             choices=("auto", *PRECISIONS))
+    gradient_checkpointing: str = _option(  # True/False are read as on/off
+        "auto", "Trade compute for memory by recomputing activations in the backward pass. auto: off, and turned "
+        "on if a step runs out of GPU memory.", choices=CHECKPOINTING)
     # reporting and safety
-    log_every: int = 10  # one host-device sync per interval: loss, NaN check
-    checkpoint_every: int = 0  # 0: no periodic checkpoints
+    log_every: int = _option(10, "Steps between loss reports (one host-device sync each) and NaN checks.", min=1)
+    checkpoint_every: int = _option(0, "Save a resumable checkpoint every N steps (0: never).", min=0,
+                                    max=1_000_000)
     checkpoint_dir: str | None = None
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = _option(3, "Newest checkpoints kept.", min=1)
 
     def __post_init__(self) -> None:
         if isinstance(self.gradient_checkpointing, bool):
             object.__setattr__(self, "gradient_checkpointing", "on" if self.gradient_checkpointing else "off")
-        _positive(self, "steps", "batch_size", "grad_accum", "rank", "log_every", "keep_checkpoints", "lr_cycles")
-        _non_negative(self, "min_snr_gamma", "noise_offset", "weight_decay", "warmup_steps", "max_grad_norm",
-                      "checkpoint_every", "lora_dropout")
-        _choice(self, "objective", ("auto", *OBJECTIVES))
-        _choice(self, "timestep_sampling", FLOW_SAMPLINGS)
-        _choice(self, "loss_weighting", FLOW_WEIGHTINGS)
-        _choice(self, "optimizer", tuple(OPTIMIZERS))
-        _choice(self, "lr_schedule", LR_SCHEDULES)
-        _choice(self, "precision", ("auto", *PRECISIONS))
-        _choice(self, "lora_init", ("kaiming", "gaussian"))
-        _choice(self, "gradient_checkpointing", CHECKPOINTING)
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not self.alpha >= 0:
-            raise ValueError(f"alpha must be >= 0 (0: alpha = rank), got {self.alpha}")
+        for name, (_, option) in self.options().items():
+            option.check(name, getattr(self, name))
         if self.shift is not None and not self.shift > 0:
             raise ValueError(f"shift must be > 0 (or None for the model's own), got {self.shift}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every > 0 needs checkpoint_dir: where should checkpoints go?")
         if not self.targets:
             raise ValueError("targets is empty: name at least one module (e.g. 'to_q') or give a regex")
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
+
+    @classmethod
+    def options(cls) -> dict[str, tuple[object, Option]]:
+        """Every setting that has an Option: name -> (default, option)."""
+        return {f.name: (f.default, f.metadata["option"]) for f in dataclasses.fields(cls) if "option" in f.metadata}
 
     @property
     def lora_alpha(self) -> float:
@@ -128,19 +152,3 @@ class TrainConfig:
             values = {**values, "targets": tuple(values["targets"])}
         return cls(**values)
 
-
-def _positive(config: TrainConfig, *names: str) -> None:
-    for name in names:
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-
-
-def _non_negative(config: TrainConfig, *names: str) -> None:
-    for name in names:
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
-
-
-def _choice(config: TrainConfig, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(config, name) not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(config, name)!r}")
