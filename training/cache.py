@@ -109,8 +109,6 @@ class EncodedDataset:
             cond = load_file(text)
             if sample.control is not None:
                 cond["control"] = load_file(sample.control)["latent"]
-            if "size_cond" in image:
-                cond["size_cond"] = image["size_cond"]
             latents.append(image["latent"])
             conds.append(cond)
         return Batch(torch.stack(latents), stack_conditioning(conds))
@@ -152,17 +150,15 @@ def _encode_image(cache: _Cache, encoders: Encoders, path: Path, image, transfor
                   ) -> tuple[Path, Path | None, tuple[int, int], tuple[dict, torch.Tensor]]:
     """(latent file, flipped latent file, latent size, (cache key: image hash + transform, the crop encoded))."""
     key = {"image": hashlib.sha256(path.read_bytes()).hexdigest(), **transform}
-    cropped, (top, left) = resize_and_crop(image, transform["bucket"], random_crop=bool(transform["random_crop"]),
+    cropped, _ = resize_and_crop(image, transform["bucket"], random_crop=bool(transform["random_crop"]),
                                            rng=crop_rng)
-    width, height = transform["bucket"]
-    size_cond = torch.tensor([image.height, image.width, top, left, height, width], dtype=torch.float32)
     pixels = image_to_tensor(cropped).unsqueeze(0)
     paths = []
     for flipped in ([False, True] if flip else [False]):
         def make(flipped: bool = flipped) -> dict[str, torch.Tensor]:
             source = torch.flip(pixels, dims=[-1]) if flipped else pixels
             cache.stats.encoded_images += 1
-            return {"latent": encoders.encode_image(source).float().contiguous(), "size_cond": size_cond}
+            return {"latent": encoders.encode_image(source).float().contiguous()}
 
         paths.append(cache.entry("latents", {**key, "flip": flipped}, make))
     size = tuple(load_file(paths[0])["latent"].shape[-2:])
