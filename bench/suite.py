@@ -64,7 +64,7 @@ def worker(kind: str, px: int, batch: int, steps: int) -> dict:
                 rank=[16], optimizer=["AdamW"], loss_function=["MSE"], seed=[0], training_dtype=["fp32"],
                 lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[False], existing_lora=["[None]"])
     else:
-        from_bridge = pack.nodes.bridge
+        from_bridge = pack.glue.bridge
         from_bridge.load_for_training(model)
         denoiser = from_bridge.ComfyDenoiser(model)
         x0 = model.model.process_latent_in(latents)
@@ -82,7 +82,7 @@ def worker(kind: str, px: int, batch: int, steps: int) -> dict:
             engine = pack.training
             data = engine.batching.InMemoryData(list(x0), [{"context": context}] * IMAGES)
             if kind == "ours":
-                targets = pack.nodes.families.ATTENTION
+                targets = pack.glue.families.ATTENTION
             else:
                 targets = [n for n, m in denoiser.module.named_modules()
                            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]

@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from ..training.batching import Batch, TrainData
 from ..training.denoiser import NoiseSchedule
 from ..training.loop import StepInfo
-from .families import prediction_of
+from .families import family_of, prediction_of
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ComfyDenoiser:
         self.sampling = model.get_model_object("model_sampling")  # with ModelSampling* nodes' patches
         self.prediction = prediction_of(model)
         self.guidance = guidance  # FLUX-dev's guidance embedding while training (None: ComfyUI's default)
-        self.in_place_residuals = type(self.module).__name__ == "Flux"  # see OutOfPlaceAdds
+        self.in_place_residuals = family_of(model).in_place_residuals  # see OutOfPlaceAdds
         self._checkpointed: list[torch.nn.Module] = []
 
     @property

@@ -1,17 +1,22 @@
-"""What differs per model family: objective, LoRA target presets, file naming, metadata."""
+"""What differs per model family, read from its record in families/<family>.toml: how ComfyUI's model is
+recognised, the LoRA target presets, the file format and metadata, the bucket multiple, guidance and quirks.
+The records' [tiny] and [workflow] tables are the test model's recipe and the shipped workflow (scripts/)."""
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import comfy.model_sampling
 import comfy.utils
 
 from ..training.lora import ALL_LINEAR
 
+RECORDS = Path(__file__).resolve().parents[1] / "families"
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
-SD_ATTENTION_MLP = (*ATTENTION, "ff.net.0.proj", "ff.net.2")
 PRESETS = ("attention", "attention+mlp", "all-linear")
 
 
@@ -21,13 +26,20 @@ class Family:
     base_model_version: str  # kohya ss_base_model_version
     architecture: str  # modelspec.architecture
     formats: tuple[str, ...]  # file formats ComfyUI's key map accepts for it; the first is Save LoRA's "auto"
-    presets: dict[str, tuple[str, ...] | str] = field(default_factory=dict)  # ComfyUI module-name suffixes
+    presets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # ComfyUI module-name suffixes
     bucket_multiple: int = 64  # image sides must be multiples of this (VAE factor × patch size)
     v2: bool = False
     guidance: float | None = None  # FLUX-dev: the guidance embedding while training
-    # comfy module path -> the module name the portable file uses (kohya: diffusers names for SD1/2)
-    file_names: Callable[[list[str]], dict[str, str]] | None = None
+    in_place_residuals: bool = False  # its blocks add residuals in place (see bridge.OutOfPlaceAdds)
+    file_names: str | None = None  # "diffusers": kohya files name the layers the diffusers way (SD1/2)
+    rename: Callable[[list[str]], dict[str, str]] | None = field(default=None, compare=False)  # from file_names
     file_prefix: str | None = None  # key prefix of a "diffusers"-format (lora_A/B) file
+    # how ComfyUI's model is recognised: its config class, and where given, its prediction, unet_config values,
+    # and whether it is trained on edit pairs
+    config_classes: tuple[str, ...] = ()
+    prediction: str | None = None
+    unet_config: dict = field(default_factory=dict)
+    edit: bool = False
 
     @property
     def file_format(self) -> str:
@@ -38,19 +50,36 @@ class Family:
             raise ValueError(f"Unknown target preset {preset!r}; choose one of {list(PRESETS)}")
         return ALL_LINEAR if preset == ALL_LINEAR else self.presets.get(preset, ATTENTION)
 
+    def matches(self, config_class: str, prediction: str, unet_config: dict) -> bool:
+        return (config_class in self.config_classes and self.prediction in (None, prediction)
+                and all(unet_config.get(key) == value for key, value in self.unet_config.items()))
 
-SD_PRESETS = {"attention": ATTENTION, "attention+mlp": SD_ATTENTION_MLP}
-# FLUX: double blocks have separate image/text attention; single blocks fuse attention with the MLP
-# (linear1 = qkv + MLP in, linear2 = attention + MLP out), so "attention" includes them, as kohya does.
-FLUX_ATTENTION = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
-FLUX_PRESETS = {"attention": FLUX_ATTENTION,
-                "attention+mlp": (*FLUX_ATTENTION, "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")}
-SD3_ATTENTION = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj")
-SD3_PRESETS = {"attention": SD3_ATTENTION, "attention+mlp": (*SD3_ATTENTION, "mlp.fc1", "mlp.fc2")}
-QWEN_ATTENTION = (*ATTENTION, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-QWEN_PRESETS = {"attention": QWEN_ATTENTION,
-                "attention+mlp": (*QWEN_ATTENTION, "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
-                                  "txt_mlp.net.2")}
+    @classmethod
+    def from_record(cls, path: Path) -> Family:
+        record = tomllib.loads(path.read_text(encoding="utf-8"))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(record) - known - {"tiny", "workflow"})
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; a family record has {sorted(known)}")
+        values = {key: value for key, value in record.items() if key in known}
+        values["presets"] = {preset: tuple(names) for preset, names in values.get("presets", {}).items()}
+        return cls(**{**values, "formats": tuple(values["formats"]), "config_classes": tuple(values["config_classes"])})
+
+
+FAMILIES = tuple(Family.from_record(path) for path in sorted(RECORDS.glob("*.toml")))
+
+
+def family_of(model, edit: bool = False) -> Family:
+    """The family of a ComfyUI ModelPatcher's model; ``edit``: trained on edit pairs (Qwen-Image-Edit)."""
+    config = model.model.model_config
+    name = type(config).__name__
+    found = [f for f in FAMILIES if f.matches(name, prediction_of(model), config.unet_config)]
+    if not found:
+        return Family(name, name.lower(), f"{name}/lora", ("comfy", "kohya"), bucket_multiple=16)
+    family = next((f for f in found if f.edit == edit), found[0])
+    if family.file_names == "diffusers":
+        family = dataclasses.replace(family, rename=_diffusers_names(config.unet_config))
+    return family
 
 
 def _diffusers_names(unet_config: dict) -> Callable[[list[str]], dict[str, str]]:
@@ -66,34 +95,6 @@ def _diffusers_names(unet_config: dict) -> Callable[[list[str]], dict[str, str]]
         return {p: comfy_to_diffusers[p] for p in paths}
 
     return rename
-
-
-def family_of(model, edit: bool = False) -> Family:
-    """The family of a ComfyUI ModelPatcher's model; ``edit``: trained on edit pairs (Qwen-Image-Edit)."""
-    base = model.model
-    name = type(base.model_config).__name__
-    v_pred = prediction_of(model) == "v"
-    if name == "SD15":
-        return Family("SD1.x", "sd_v1", "stable-diffusion-v1/lora", ("kohya", "comfy"), SD_PRESETS,
-                      file_names=_diffusers_names(base.model_config.unet_config))
-    if name in ("SD20", "SD21UnclipL", "SD21UnclipH"):
-        return Family("SD2.x", "sd_v2", f"stable-diffusion-v2-{'768-v' if v_pred else '512'}/lora",
-                      ("kohya", "comfy"), SD_PRESETS, v2=True,
-                      file_names=_diffusers_names(base.model_config.unet_config))
-    if name == "SDXL":
-        return Family("SDXL", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", ("kohya", "comfy"), SD_PRESETS)
-    if name == "SD3":
-        return Family("SD3", "sd3", "stable-diffusion-v3-medium/lora", ("kohya", "comfy"), SD3_PRESETS,
-                      bucket_multiple=16)
-    if name in ("Flux", "FluxSchnell"):
-        dev = bool(base.model_config.unet_config.get("guidance_embed"))
-        return Family("FLUX.1", "flux1", f"flux-1-{'dev' if dev else 'schnell'}/lora", ("kohya", "comfy"),
-                      FLUX_PRESETS, bucket_multiple=16, guidance=1.0 if dev else None)
-    if name == "QwenImage":
-        label = "Qwen-Image-Edit" if edit else "Qwen-Image"
-        return Family(label, label.lower().replace("-", "_"), f"{label}/lora", ("diffusers", "kohya", "comfy"),
-                      QWEN_PRESETS, bucket_multiple=16, file_prefix="diffusion_model")
-    return Family(name, name.lower(), f"{name}/lora", ("comfy", "kohya"), {}, bucket_multiple=16)
 
 
 def prediction_of(model) -> str:

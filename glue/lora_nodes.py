@@ -53,8 +53,8 @@ def file_layers(lora: TrainedLora, format: str = "auto") -> tuple[str, dict[str,
         raise ValueError(f"ComfyUI does not load {family.name} LoRAs in the {format!r} format; choose one of "
                          f"{list(family.formats)} (or 'auto': {family.file_format})")
     layers = lora.layers
-    if format == "kohya" and family.file_names is not None:
-        names = family.file_names(sorted(layers))
+    if format == "kohya" and family.rename is not None:
+        names = family.rename(sorted(layers))
         layers = {names[path]: tensors for path, tensors in layers.items()}
     return format, layers, family.file_prefix if format == "diffusers" else None
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from scripts.comfy_host import comfy_root  # noqa: E402
 from scripts.comfy_inproc import load_comfy  # noqa: E402
+from scripts.tiny_families import family_records  # noqa: E402
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_NAMES = ("seed", "noise_seed")
@@ -98,41 +99,17 @@ def train_then_generate(*, ckpt: str | None = None, unet: str | None = None, cli
     return sorted(graph, key=lambda node: node[0])
 
 
-YOURS = dict(folder="my_dataset", trigger="", prompt="a photo in the style of my dataset", prefix="lora_trainer")
+YOURS = dict(folder="my_dataset", trigger="", prompt="a photo in the style of my dataset", prefix="lora_trainer",
+             rank=16, lr=1e-4)
+# the demo, and each family record's [workflow] table (families/<family>.toml)
 WORKFLOWS = {
     "demo_tiny_sd15": train_then_generate(
         ckpt="tiny_sd15.safetensors", folder="lora_trainer_demo/rings", resolution=256, steps=30, rank=8, lr=1e-3,
         trigger="zkx", prompt="zkx pattern", size=256, sample_steps=4, cfg=4.0, name="lora_trainer/demo_zkx",
         prefix="lora_trainer_demo"),
-    "sd15_train_then_generate": train_then_generate(
-        ckpt="v1-5-pruned-emaonly.safetensors", resolution=512, steps=1000, rank=16, lr=1e-4, size=512,
-        sample_steps=20, cfg=7.0, name="lora_trainer/my_sd15_lora", **YOURS),
-    "sd2_v_train_then_generate": train_then_generate(
-        ckpt="v2-1_768-ema-pruned.safetensors", resolution=768, steps=1000, rank=16, lr=1e-4, size=768,
-        sample_steps=20, cfg=7.0, name="lora_trainer/my_sd2_lora", **YOURS),
-    "sdxl_train_then_generate": train_then_generate(
-        ckpt="sd_xl_base_1.0.safetensors", resolution=1024, steps=1500, rank=16, lr=1e-4, size=1024,
-        sample_steps=25, cfg=7.0, name="lora_trainer/my_sdxl_lora", **YOURS),
-    "sd3_train_then_generate": train_then_generate(
-        ckpt="sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", resolution=1024, steps=1500, rank=16, lr=1e-4,
-        size=1024, sample_steps=28, cfg=4.5, latent="EmptySD3LatentImage", scheduler="sgm_uniform",
-        name="lora_trainer/my_sd3_lora", **YOURS),
-    "flux_dev_train_then_generate": train_then_generate(
-        unet="flux1-dev.safetensors", clips=("clip_l.safetensors", "t5xxl_fp16.safetensors"), clip_type="flux",
-        vae="ae.safetensors", resolution=1024, steps=1500, rank=16, lr=1e-4, size=1024, sample_steps=20, cfg=1.0,
-        latent="EmptySD3LatentImage", scheduler="simple", flux_guidance=3.5, name="lora_trainer/my_flux_lora",
-        **YOURS),
-    "qwen_image_train_then_generate": train_then_generate(
-        unet="qwen_image_fp8_e4m3fn.safetensors", clips=("qwen_2.5_vl_7b_fp8_scaled.safetensors",),
-        clip_type="qwen_image", vae="qwen_image_vae.safetensors", resolution=1024, steps=1500, rank=16, lr=1e-4,
-        size=1024, sample_steps=20, cfg=2.5, latent="EmptySD3LatentImage", scheduler="simple", sampling_shift=3.1,
-        name="lora_trainer/my_qwen_image_lora", **YOURS),
-    "qwen_image_edit_train_then_generate": train_then_generate(
-        unet="qwen_image_edit_fp8_e4m3fn.safetensors", clips=("qwen_2.5_vl_7b_fp8_scaled.safetensors",),
-        clip_type="qwen_image", vae="qwen_image_vae.safetensors", resolution=1024, steps=1500, rank=16, lr=1e-4,
-        size=1024, sample_steps=20, cfg=2.5, scheduler="simple", sampling_shift=3.1, edit_image="example.png",
-        name="lora_trainer/my_qwen_edit_lora",
-        **{**YOURS, "folder": "my_edit_pairs", "prompt": "apply the edit you trained"}),
+    **{f"{workflow['file']}_train_then_generate": train_then_generate(
+        **{**YOURS, **{key: value for key, value in workflow.items() if key != "file"}})
+       for workflow in (record["workflow"] for record in family_records().values() if "workflow" in record)},
 }
 
 

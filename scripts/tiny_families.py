@@ -16,23 +16,29 @@ The architectures, the conditioning (pooled text, SDXL size embedding, FLUX guid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 
 @dataclass(frozen=True)
 class Tiny:
-    config_class: str  # comfy.supported_models class
+    """A family record's [tiny] table (families/<family>.toml)."""
+
+    name: str  # the test's name for it (EXPECTED, Tiny Family Loader)
+    config_class: str  # comfy.supported_models class: the record's first
     latent_channels: int
     encoders: dict[str, dict]  # text encoder -> its config overrides (ComfyUI's "<name>_model_config" option)
     unet: dict | None = None  # SD-style UNets: the UNetModel arguments whose weights make the layout
     keys: dict[str, tuple[int, ...]] = field(default_factory=dict)  # DiTs: the keys (and shapes) detection reads
     widths: dict = field(default_factory=dict)  # sizes the family's detection does not read (fixed full-size)
     model_type: str | None = None  # force a comfy.model_base.ModelType (SD2 v-prediction)
-    edit: bool = False  # trained on edit pairs (reference latents)
+    edit: bool = False  # trained on edit pairs (reference latents): the record's
     frames: bool = False  # latents carry a time axis, [C, 1, h, w] (Qwen's Wan VAE), as ComfyUI's VAE gives them
     checkpoint_encoders: tuple[str, ...] = ()  # the encoders a checkpoint holds, where the CLIP target asks (SD3)
 
 
+# SD-style UNets: a record's [tiny] unet table goes over this
 _UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1],
              channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
              transformer_depth_middle=1, use_spatial_transformer=True,
@@ -40,57 +46,47 @@ _UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4,
              use_temporal_resblock=False)
 
 
-def _flux(hidden: int, guidance: bool) -> dict[str, tuple[int, ...]]:
-    """FLUX.1's detection reads the width from img_in/txt_in, the pooled width from vector_in, guidance from
-    guidance_in, and counts the double and single blocks (one each here). Heads are 128 wide (axes 16+56+56);
-    0.3.75's detection fixes their number at 24 (so ``widths`` sets it), newer ones divide."""
-    return {"img_in.weight": (hidden, 64), "txt_in.weight": (hidden, 64), "vector_in.in_layer.weight": (hidden, 32),
-            **({"guidance_in.in_layer.weight": (hidden, 256)} if guidance else {}),
-            "double_blocks.0.img_attn.norm.key_norm.scale": (128,), "single_blocks.0.norm.key_norm.scale": (128,)}
-
-
-# SD3's detection: width 64 x depth from x_embedder, pooled width from y_embedder, context from context_embedder
-_SD3 = {"joint_blocks.0.context_block.attn.qkv.weight": (384, 128), "x_embedder.proj.weight": (128, 16, 2, 2),
-        "final_layer.linear.weight": (64, 128), "y_embedder.mlp.0.weight": (128, 64),
-        "context_embedder.weight": (128, 4096), "pos_embed": (1, 1024, 128)}
-# Qwen-Image's detection reads in_channels and the block count; its widths are fixed (3072), so they are set
-_QWEN = {"txt_norm.weight": (64,), "img_in.weight": (64, 64), "transformer_blocks.0.attn.to_q.weight": (64, 64),
-         "transformer_blocks.1.attn.to_q.weight": (64, 64)}
-_QWEN_WIDTHS = dict(attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
-
-
 def _clip(width: int, projection: int) -> dict:
     return dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=2, num_hidden_layers=3,
                 projection_dim=projection)
 
 
-_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_heads=2, num_layers=2)
-_QWEN_TE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1)
-# context 64 wide: CLIP-L alone (SD1), CLIP-H (SD2), CLIP-L + CLIP-G side by side (SDXL), T5 (FLUX), Qwen2.5-VL;
-# pooled 32: CLIP-G's projection (SDXL), CLIP-L's (FLUX), both (SD3: 64). SD3 pads CLIP to T5's 4096 width.
-TINY = {
-    "SD15": Tiny("SD15", 4, {"clip_l": _clip(64, 64)},
-                 unet={**_UNET, "context_dim": 64, "use_linear_in_transformer": False}),
-    "SD2-v": Tiny("SD20", 4, {"clip_h": _clip(64, 64)},
-                  unet={**_UNET, "context_dim": 64, "use_linear_in_transformer": True}, model_type="V_PREDICTION"),
-    "SDXL": Tiny("SDXL", 4, {"clip_l": _clip(32, 32), "clip_g": _clip(32, 32)},
-                 unet={**_UNET, "context_dim": 64, "use_linear_in_transformer": True, "num_classes": "sequential",
-                       "adm_in_channels": 32 + 6 * 256}),
-    "SD3": Tiny("SD3", 16, {"clip_l": _clip(32, 32), "clip_g": _clip(32, 32)}, keys=_SD3,
-                checkpoint_encoders=("clip_l", "clip_g")),
-    "FLUX.1-dev": Tiny("Flux", 16, {"clip_l": _clip(32, 32), "t5xxl": _T5}, keys=_flux(256, guidance=True),
-                       widths={"num_heads": 2}),
-    "Qwen-Image": Tiny("QwenImage", 16, {"qwen25_7b": _QWEN_TE}, keys=_QWEN, widths=_QWEN_WIDTHS, frames=True),
-    "Qwen-Image-Edit": Tiny("QwenImage", 16, {"qwen25_7b": _QWEN_TE}, keys=_QWEN, widths=_QWEN_WIDTHS, edit=True,
-                            frames=True),
+# Text encoders a record names (or it gives the overrides inline). Context 64 wide: CLIP-L alone (SD1), CLIP-H
+# (SD2), CLIP-L + CLIP-G side by side (SDXL), T5 (FLUX), Qwen2.5-VL; pooled 32: CLIP-G's projection (SDXL),
+# CLIP-L's (FLUX), both (SD3: 64).
+ENCODERS = {
+    "clip-64": _clip(64, 64),
+    "clip-32": _clip(32, 32),
+    "t5": dict(d_model=64, d_ff=128, d_kv=16, num_heads=2, num_layers=2),
+    "qwen25": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1),
 }
+RECORDS = Path(__file__).resolve().parents[1] / "families"
 
+
+def _tiny(record: dict) -> Tiny:
+    tiny = dict(record["tiny"])
+    encoders = {name: ENCODERS[value] if isinstance(value, str) else value
+                for name, value in tiny.pop("encoders").items()}
+    unet = {**_UNET, **tiny.pop("unet")} if "unet" in tiny else None
+    keys = {key: tuple(shape) for key, shape in tiny.pop("keys", {}).items()}
+    return Tiny(config_class=record["config_classes"][0], encoders=encoders, unet=unet, keys=keys,
+                edit=record.get("edit", False), checkpoint_encoders=tuple(tiny.pop("checkpoint_encoders", ())),
+                **tiny)
+
+
+def family_records() -> dict[str, dict]:
+    """Every family record (families/<family>.toml), by file name."""
+    return {path.stem: tomllib.loads(path.read_text(encoding="utf-8")) for path in sorted(RECORDS.glob("*.toml"))}
+
+
+TINY = {tiny.name: tiny for tiny in (_tiny(record) for record in family_records().values() if "tiny" in record)}
 
 # diffusers' kohya FLUX converter hard-codes FLUX.1's width (3072, MLP 12288): checking that a file loads there
 # needs the real width, at one double and one single block (0.5 G parameters).
-FLUX_FULL_WIDTH = Tiny("Flux", 16, TINY["FLUX.1-dev"].encoders, keys=_flux(3072, guidance=True),
-                       widths={"num_heads": 24})
+FLUX_FULL_WIDTH = replace(TINY["FLUX.1-dev"], widths={"num_heads": 24},
+                          keys={key: (3072, *shape[1:]) if len(shape) == 2 else shape
+                                for key, shape in TINY["FLUX.1-dev"].keys.items()})
 
 
 def tiny_model(family: str | Tiny, seed: int = 0):

@@ -8,8 +8,8 @@ import ast
 import importlib.metadata
 import re
 import sys
-
 import tomllib
+
 from packaging.requirements import Requirement
 
 from scripts.pyenvs import requirement_lines
