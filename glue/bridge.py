@@ -79,6 +79,8 @@ class ComfyDenoiser:
                   "height": height}
         if "pooled" in cond:
             params["pooled_output"] = cond["pooled"]
+        if "mask" in cond:  # 1 = token, 0 = padding: an integer mask, as ComfyUI's text encoders give it
+            params["attention_mask"] = cond["mask"].round().long()
         if "control" in cond:
             params["reference_latents"] = [cond["control"]]
         if self.guidance is not None:

@@ -143,6 +143,39 @@ def test_the_family_conditioning_reaches_the_model(comfy, pack, family, inputs):
 
 
 @pytest.mark.parametrize("family", list(TINY))
+def test_every_preset_of_the_family_record_names_layers_of_the_model(comfy, pack, family):
+    model = tiny_model(family)
+    record = pack.glue.families.family_of(model, edit=TINY[family].edit)
+    assert record.presets, f"{family}: the record has no presets"
+    linears = [name for name, module in model.model.diffusion_model.named_modules()
+               if isinstance(module, torch.nn.Linear)]
+    for preset, suffixes in record.presets.items():
+        for suffix in suffixes:
+            assert any(name == suffix or name.endswith(f".{suffix}") for name in linears), f"{preset}: {suffix}"
+
+
+def test_padded_captions_in_a_batch_give_each_image_what_it_gets_alone(comfy, pack):
+    """Captions of unequal length are padded to one length in a batch; the padding mask reaches the model (as
+    ComfyUI's integer attention_mask), so an image's prediction does not depend on its batch neighbours."""
+    bridge = pack.glue.bridge
+    model = tiny_model("Qwen-Image")
+    encoders = bridge.ComfyEncoders(*reversed(_encoders("Qwen-Image")))
+    with torch.inference_mode():
+        short, long = encoders.encode_text("zkx"), encoders.encode_text("zkx pattern of rings, blue and gold, bold")
+    assert short["context"].shape[0] < long["context"].shape[0]
+    batch = pack.training.batching.stack_conditioning([short, long])
+    assert batch["mask"].shape == (2, long["context"].shape[0]) and not batch["mask"][0].all()
+    denoiser = bridge.ComfyDenoiser(model)
+    noisy, sigma = torch.randn(2, 16, 1, 8, 8), torch.full((2,), 0.5)
+    if "attention_mask" not in denoiser.model_inputs(noisy, batch):
+        pytest.skip("this ComfyUI's Qwen-Image takes no text mask (0.3.75): its sampler attends to padding too")
+    with torch.no_grad():
+        together = denoiser(noisy, sigma, batch)
+        alone = denoiser(noisy[:1], sigma[:1], pack.training.batching.stack_conditioning([short]))
+    torch.testing.assert_close(together[:1], alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(TINY))
 def test_gradient_checkpointing_gives_the_same_lora_in_every_family(comfy, family):
     model = tiny_model(family)
     encoded = _encoded(comfy, family)
