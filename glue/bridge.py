@@ -77,8 +77,7 @@ class ComfyDenoiser:
         height, width = (side * 8 for side in noisy.shape[-2:])
         params = {"noise": noisy, "device": noisy.device, "cross_attn": cond["context"], "width": width,
                   "height": height}
-        if "pooled" in cond:
-            params["pooled_output"] = cond["pooled"]
+        params["pooled_output"] = cond.get("pooled")  # the key is always there in ComfyUI's sampler (0.3.75's Flux reads it)
         if "mask" in cond:  # 1 = token, 0 = padding: an integer mask, as ComfyUI's text encoders give it
             params["attention_mask"] = cond["mask"].round().long()
         if "control" in cond:
