@@ -10,4 +10,5 @@ EXPECTED = {
     "Qwen-Image": ("flow", "qwen_image", "Qwen-Image/lora", "diffusion_model.transformer_blocks.0.attn."),
     "Qwen-Image-Edit": ("flow", "qwen_image_edit", "Qwen-Image-Edit/lora",
                         "diffusion_model.transformer_blocks.0.attn."),
+    "Chroma": ("flow", "chroma", "chroma/lora", "lora_unet_double_blocks_0_img_attn_"),
 }
