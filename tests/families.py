@@ -11,4 +11,5 @@ EXPECTED = {
     "Qwen-Image-Edit": ("flow", "qwen_image_edit", "Qwen-Image-Edit/lora",
                         "diffusion_model.transformer_blocks.0.attn."),
     "Chroma": ("flow", "chroma", "chroma/lora", "lora_unet_double_blocks_0_img_attn_"),
+    "Z-Image": ("flow", "z_image", "Z-Image/lora", "lora_unet_layers_0_attention_"),
 }

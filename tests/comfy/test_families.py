@@ -190,7 +190,12 @@ def test_gradient_checkpointing_gives_the_same_lora_in_every_family(comfy, famil
 
 def _diffusers_model(family: str):
     """The diffusers model of the same tiny architecture as TINY[family], and its LoRA loader mixin."""
-    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, UNet2DConditionModel
+    from diffusers import (
+        FluxTransformer2DModel,
+        QwenImageTransformer2DModel,
+        UNet2DConditionModel,
+        ZImageTransformer2DModel,
+    )
     from diffusers.loaders import lora_pipeline
 
     torch.manual_seed(0)
@@ -209,6 +214,10 @@ def _diffusers_model(family: str):
                                        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=64,
                                        pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
                 lora_pipeline.FluxLoraLoaderMixin)
+    if family == "Z-Image":
+        return (ZImageTransformer2DModel(dim=256, n_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=64,
+                                         axes_lens=[1536, 512, 512]),
+                lora_pipeline.ZImageLoraLoaderMixin)
     return (QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
                                         attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64,
                                         axes_dims_rope=(8, 12, 12)),
@@ -228,11 +237,13 @@ def _diffusers_output(family: str, model) -> torch.Tensor:
             ids[:, 1], ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
             return model(torch.randn(1, 16, 64, generator=g), context, torch.randn(1, 32, generator=g),
                          torch.tensor([0.5]), ids, torch.zeros(7, 3), torch.tensor([1.0])).sample
+        if family == "Z-Image":
+            return model([torch.randn(16, 1, 8, 8, generator=g)], torch.tensor([0.5]), [context[0]])[0][0]
         return model(torch.randn(1, 16, 64, generator=g), context, torch.ones(1, 7, dtype=torch.bool),
                      torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]]).sample
 
 
-@pytest.mark.parametrize("family", ["SD15", "SDXL", "FLUX.1-dev", "Qwen-Image"])
+@pytest.mark.parametrize("family", ["SD15", "SDXL", "FLUX.1-dev", "Qwen-Image", "Z-Image"])
 def test_the_saved_file_loads_in_diffusers_with_every_key(comfy, family, caplog):
     """The same file, through diffusers' own LoRA loader for that family, into the same tiny architecture."""
     import diffusers.utils.logging

@@ -50,7 +50,7 @@ def _is_widget(spec) -> bool:
 
 
 def test_there_are_workflows():
-    families = {"sd15", "sd2_v", "sdxl", "sd3", "flux_dev", "qwen_image", "qwen_image_edit", "chroma"}
+    families = {"sd15", "sd2_v", "sdxl", "sd3", "flux_dev", "qwen_image", "qwen_image_edit", "chroma", "z_image"}
     assert {"demo_tiny_sd15"} | {f"{family}_train_then_generate" for family in families} <= set(NAMES)
 
 
@@ -123,7 +123,8 @@ def test_the_demo_workflow_runs_through_the_api(comfy_server, comfy_base_dir, ob
 
 
 FAMILY_WORKFLOWS = {"sd15": "SD15", "sd2_v": "SD2-v", "sdxl": "SDXL", "sd3": "SD3", "flux_dev": "FLUX.1-dev",
-                    "qwen_image": "Qwen-Image", "qwen_image_edit": "Qwen-Image-Edit", "chroma": "Chroma"}
+                    "qwen_image": "Qwen-Image", "qwen_image_edit": "Qwen-Image-Edit", "chroma": "Chroma",
+                    "z_image": "Z-Image"}
 LOADERS = ("CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader")
 SMALL = {  # class_type: inputs that make the run a few steps at 64 px
     "LoraTrainerTrain": {"steps": 3, "learning_rate": 1e-2},
