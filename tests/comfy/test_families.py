@@ -142,6 +142,10 @@ def test_the_family_conditioning_reaches_the_model(comfy, pack, family, inputs):
         assert not torch.equal(out, denoiser(noisy, torch.full((2,), 0.5), other))
 
 
+# layers a family's presets name that its tiny model lacks: SD3.5-medium's second (MMDiT-X) self-attention
+ABSENT_FROM_TINY = {"SD3": {"attn2.qkv", "attn2.proj"}}
+
+
 @pytest.mark.parametrize("family", list(TINY))
 def test_every_preset_of_the_family_record_names_layers_of_the_model(comfy, pack, family):
     model = tiny_model(family)
@@ -150,7 +154,7 @@ def test_every_preset_of_the_family_record_names_layers_of_the_model(comfy, pack
     linears = [name for name, module in model.model.diffusion_model.named_modules()
                if isinstance(module, torch.nn.Linear)]
     for preset, suffixes in record.presets.items():
-        for suffix in suffixes:
+        for suffix in set(suffixes) - ABSENT_FROM_TINY.get(family, set()):
             assert any(name == suffix or name.endswith(f".{suffix}") for name in linears), f"{preset}: {suffix}"
 
 
