@@ -219,7 +219,7 @@ def _diffusers_model(family: str):
                                        pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
                 lora_pipeline.FluxLoraLoaderMixin)
     if family == "Z-Image":
-        return (ZImageTransformer2DModel(dim=256, n_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=64,
+        return (ZImageTransformer2DModel(dim=384, n_layers=1, n_heads=3, n_kv_heads=3, cap_feat_dim=64,
                                          axes_lens=[1536, 512, 512]),
                 lora_pipeline.ZImageLoraLoaderMixin)
     return (QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
