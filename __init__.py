@@ -7,8 +7,7 @@ try:
     import folder_paths  # noqa: F401  (present only inside a ComfyUI process)
 except ImportError:
     NODE_CLASS_MAPPINGS: dict = {}
-    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 else:
-    from .glue import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .glue import NODE_CLASS_MAPPINGS  # v3 nodes: display names are in their schemas
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS"]

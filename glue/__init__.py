@@ -1,4 +1,5 @@
-"""ComfyUI glue: the six nodes. The only package that imports ComfyUI.
+"""ComfyUI glue: the six nodes, in ComfyUI's v3 schema (``comfy_api.latest.io``: each node's inputs, outputs, display
+name and help in its ``define_schema``). The only package that imports ComfyUI.
 
 Node IDs carry the prefix ``LoraTrainer``: ComfyUI silently drops a custom node whose ID equals a built-in one
 (it has its own ``SaveLoRA``). The mappings are literal dicts so that static scanners (ComfyUI-Manager's node
@@ -17,12 +18,4 @@ NODE_CLASS_MAPPINGS = {
     "LoraTrainerTrain": TrainLora,
     "LoraTrainerSave": SaveLora,
     "LoraTrainerApply": ApplyLora,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "LoraTrainerLoadDataset": "Load LoRA Dataset",
-    "LoraTrainerCaptionDropout": "Caption Dropout",
-    "LoraTrainerEncodeLatentsCache": "Encode Latents Cache",
-    "LoraTrainerTrain": "Train LoRA",
-    "LoraTrainerSave": "Save LoRA",
-    "LoraTrainerApply": "Apply LoRA",
 }

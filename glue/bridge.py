@@ -16,6 +16,7 @@ import comfy.utils
 import torch
 import torch.overrides
 import torch.utils.checkpoint
+from comfy_execution.utils import get_executing_context
 
 from ..training.batching import Batch, TrainData
 from ..training.denoiser import NoiseSchedule
@@ -259,9 +260,10 @@ class Progress:
     Cancel: the interrupt flag is read before every step (ComfyUI's layers may also raise it mid-step;
     the loop treats that as the same stop)."""
 
-    def __init__(self, total: int, node_id: str | None):
-        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
-        self.node_id = node_id
+    def __init__(self, total: int):
+        context = get_executing_context()  # the running node (none when called outside a prompt)
+        self.node_id = context.node_id if context is not None else None
+        self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
         self.interrupted = False
 
     def should_stop(self) -> bool:

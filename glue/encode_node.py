@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 import comfy.utils
 import folder_paths
+from comfy_api.latest import io
 
 from ..training.cache import CacheSettings, EncodedDataset, encode_dataset
 from .bridge import ComfyEncoders
-from .dataset_nodes import CATEGORY, LoraDataset
+from .dataset_nodes import CATEGORY, DATASET, LoraDataset
 from .paths import under
 
 DEFAULT_CACHE = "lora_trainer_cache"
+ENCODED = io.Custom("LORA_ENCODED")
 
 
 @dataclass
@@ -30,28 +32,28 @@ def resolve_cache_dir(cache_dir: str) -> str:
                  what="Encode Latents Cache: cache_dir", absolute=True)
 
 
-class EncodeLatentsCache:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LORA_ENCODED", "STRING")
-    RETURN_NAMES = ("encoded", "report")
-    FUNCTION = "execute"
-    DESCRIPTION = ("Encode every image (VAE) and caption (CLIP, plus the empty caption for dropout) once; "
-                   "later runs reuse the cache and re-encode only what changed. Frees the encoders after.")
+class EncodeLatentsCache(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraTrainerEncodeLatentsCache", display_name="Encode Latents Cache", category=CATEGORY,
+            description="Encode every image (VAE) and caption (CLIP, plus the empty caption for dropout) once; "
+                        "later runs reuse the cache and re-encode only what changed. Frees the encoders after.",
+            inputs=[
+                DATASET.Input("dataset", tooltip="From Load LoRA Dataset or Caption Dropout."),
+                io.Vae.Input("vae", tooltip="The VAE of the model you will train (e.g. from Load Checkpoint)."),
+                io.Clip.Input("clip", tooltip="The text encoder(s) of that model, as used by CLIP Text Encode."),
+                io.String.Input("cache_dir", default=DEFAULT_CACHE, tooltip="Where encodings are kept. Relative "
+                                "paths are inside ComfyUI's output folder."),
+            ],
+            outputs=[ENCODED.Output("encoded"), io.String.Output("report")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "dataset": ("LORA_DATASET", {"tooltip": "From Load LoRA Dataset or Caption Dropout."}),
-            "vae": ("VAE", {"tooltip": "The VAE of the model you will train (e.g. from Load Checkpoint)."}),
-            "clip": ("CLIP", {"tooltip": "The text encoder(s) of that model, as used by CLIP Text Encode."}),
-            "cache_dir": ("STRING", {"default": DEFAULT_CACHE, "tooltip": "Where encodings are kept. Relative "
-                                     "paths are inside ComfyUI's output folder."}),
-        }}
-
-    def execute(self, dataset, vae, clip, cache_dir):
+    def execute(cls, dataset, vae, clip, cache_dir) -> io.NodeOutput:
         encoders = ComfyEncoders(vae, clip)
         try:
-            return encode(dataset, encoders, cache_dir)
+            return io.NodeOutput(*encode(dataset, encoders, cache_dir))
         finally:
             encoders.release()
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import comfy.sd
 import folder_paths
 import torch
+from comfy_api.latest import io, ui
 
 from ..training.config import DTYPES
 from ..training.formats import build_metadata, save_lora, to_state_dict
@@ -18,6 +19,7 @@ from .families import Family
 from .paths import under
 
 SAVE_FORMATS = ("auto", "kohya", "comfy", "diffusers")
+LORA = io.Custom("LORA")
 
 
 @dataclass
@@ -88,47 +90,48 @@ def write_lora(lora: TrainedLora, name: str, format: str = "auto", precision: st
     return path
 
 
-class SaveLora:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-    FUNCTION = "execute"
-    OUTPUT_NODE = True
-    DESCRIPTION = "Write the LoRA into models/loras (atomically, with metadata); LoraLoader lists it at once."
+class SaveLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraTrainerSave", display_name="Save LoRA", category=CATEGORY, is_output_node=True,
+            description="Write the LoRA into models/loras (atomically, with metadata); LoraLoader lists it at once.",
+            inputs=[
+                LORA.Input("lora", tooltip="From Train LoRA."),
+                io.String.Input("name", default="lora_trainer/my_lora", tooltip="File name inside models/loras; "
+                                "'/' makes subfolders. An existing file of that name is replaced."),
+                io.Combo.Input("format", options=list(SAVE_FORMATS), default="auto", tooltip="auto: the family's "
+                               "portable format (kohya for SD/SDXL/FLUX, diffusers-style for Qwen). comfy: "
+                               "ComfyUI-only generic keys."),
+                io.Combo.Input("precision", options=list(DTYPES), default="fp32", tooltip="fp16/bf16 halve the "
+                               "file; fp32 keeps it identical to what Apply LoRA uses."),
+            ],
+            outputs=[io.String.Output("path")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "lora": ("LORA", {"tooltip": "From Train LoRA."}),
-            "name": ("STRING", {"default": "lora_trainer/my_lora", "tooltip": "File name inside models/loras; "
-                                "'/' makes subfolders. An existing file of that name is replaced."}),
-            "format": (list(SAVE_FORMATS), {"default": "auto", "tooltip": "auto: the family's portable format "
-                                            "(kohya for SD/SDXL/FLUX, diffusers-style for Qwen). comfy: "
-                                            "ComfyUI-only generic keys."}),
-            "precision": (list(DTYPES), {"default": "fp32", "tooltip": "fp16/bf16 halve the file; fp32 "
-                                             "keeps it identical to what Apply LoRA uses."}),
-        }}
-
-    def execute(self, lora, name, format, precision):
+    def execute(cls, lora, name, format, precision) -> io.NodeOutput:
         path = write_lora(lora, name, format, precision)
-        return {"ui": {"text": [path]}, "result": (path,)}
+        return io.NodeOutput(path, ui=ui.PreviewText(path))
 
 
-class ApplyLora:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "execute"
-    DESCRIPTION = "Use the trained LoRA right away: the same patches the stock LoraLoader makes from the saved file."
+class ApplyLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraTrainerApply", display_name="Apply LoRA", category=CATEGORY,
+            description="Use the trained LoRA right away: the same patches the stock LoraLoader makes from the "
+                        "saved file.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch (not changed: a patched copy comes out)."),
+                LORA.Input("lora", tooltip="From Train LoRA."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="LoRA strength, as in LoraLoader."),
+            ],
+            outputs=[io.Model.Output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to patch (not changed: a patched copy comes out)."}),
-            "lora": ("LORA", {"tooltip": "From Train LoRA."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                   "tooltip": "LoRA strength, as in LoraLoader."}),
-        }}
-
-    def execute(self, model, lora, strength):
+    def execute(cls, model, lora, strength) -> io.NodeOutput:
         patched, _ = comfy.sd.load_lora_for_models(model, None, file_tensors(lora), strength, 0)
-        return (patched,)
+        return io.NodeOutput(patched)

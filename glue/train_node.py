@@ -7,6 +7,7 @@ import logging
 import comfy.model_management as mm
 import folder_paths
 import torch
+from comfy_api.latest import io
 
 from ..training.checkpoint import list_checkpoints
 from ..training.config import TrainConfig
@@ -14,68 +15,63 @@ from ..training.dataset import tag_frequency
 from ..training.loop import TrainingDiverged, TrainResult, train
 from .bridge import ComfyDenoiser, LatentsIn, Progress, interrupt_now, load_for_training, training_mode
 from .dataset_nodes import CATEGORY
+from .encode_node import ENCODED
 from .families import PRESETS, family_of
-from .lora_nodes import TrainedLora, loras_path, write_lora
+from .lora_nodes import LORA, TrainedLora, loras_path, write_lora
 from .loss_plot import loss_curve_image
 from .paths import under
 
 log = logging.getLogger(__name__)
 
 
-def _tip(text: str, **options) -> dict:
-    return {"tooltip": text, **options}
-
-
-def _config_input(name: str) -> tuple:
+def _config_input(name: str) -> io.Input:
     """A node input for a TrainConfig setting: its type, default, range or choices and help, from the setting."""
     default, option = TrainConfig.options()[name]
-    spec = _tip(option.help, default=default)
+    common = dict(default=default, tooltip=option.help, optional=name in OPTIONAL)
     if option.choices:
-        return list(option.choices), spec
-    kind = {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}[type(default)]
-    spec.update({key: getattr(option, key) for key in ("min", "max", "step") if getattr(option, key) is not None})
-    if kind == "FLOAT":
-        spec["round"] = False  # the value as typed: a learning rate of 3e-6 is not rounded to the step
-    return kind, spec
+        return io.Combo.Input(name, options=list(option.choices), **common)
+    if isinstance(default, bool):
+        return io.Boolean.Input(name, **common)
+    bounds = dict(min=option.min, max=option.max, step=option.step)
+    if isinstance(default, int):
+        return io.Int.Input(name, **bounds, **common)
+    return io.Float.Input(name, **bounds, round=False, **common)  # as typed: 3e-6 is not rounded to the step
 
 
-# The node's own inputs; every other input is a TrainConfig setting of the same name (one definition).
-NODE_INPUTS = {
-    "model": ("MODEL", _tip("The model to train on, e.g. from Load Checkpoint.")),
-    "encoded": ("LORA_ENCODED", _tip("From Encode Latents Cache (same model family's VAE/CLIP).")),
-    "targets": (list(PRESETS), _tip("Layers that get adapters: attention projections, also the MLPs, or every "
-                                    "linear layer.", default="attention")),
-    "name": ("STRING", _tip("Run name: checkpoints go to output/lora_trainer/<name>/, a cancelled run saves "
-                            "models/loras/<name>_partial.safetensors.", default="lora_trainer/my_lora")),
-    "flux_guidance": ("FLOAT", _tip("FLUX.1-dev only: the guidance embedding while training (1.0 as kohya and "
-                                    "ai-toolkit; sample with FluxGuidance as usual).", default=1.0, min=0.0,
-                                    max=100.0, step=0.1)),
-    "resume": ("BOOLEAN", _tip("Continue from this run name's newest checkpoint.", default=False)),
-}
 REQUIRED = ("model", "encoded", "steps", "learning_rate", "rank", "alpha", "targets", "objective", "batch_size",
             "seed", "name")
 OPTIONAL = ("lr_schedule", "warmup_steps", "grad_accum", "timestep_sampling", "min_snr_gamma", "noise_offset",
             "precision", "flux_guidance", "gradient_checkpointing", "checkpoint_every", "resume")
+# The node's own inputs; every other input is a TrainConfig setting of the same name (one definition).
+NODE_INPUTS = {
+    "model": io.Model.Input("model", tooltip="The model to train on, e.g. from Load Checkpoint."),
+    "encoded": ENCODED.Input("encoded", tooltip="From Encode Latents Cache (same model family's VAE/CLIP)."),
+    "targets": io.Combo.Input("targets", options=list(PRESETS), default="attention", tooltip="Layers that get "
+                              "adapters: attention projections, also the MLPs, or every linear layer."),
+    "name": io.String.Input("name", default="lora_trainer/my_lora", tooltip="Run name: checkpoints go to "
+                            "output/lora_trainer/<name>/, a cancelled run saves models/loras/<name>_partial."
+                            "safetensors."),
+    "flux_guidance": io.Float.Input("flux_guidance", default=1.0, min=0.0, max=100.0, step=0.1, optional=True,
+                                    tooltip="FLUX.1-dev only: the guidance embedding while training (1.0 as kohya "
+                                    "and ai-toolkit; sample with FluxGuidance as usual)."),
+    "resume": io.Boolean.Input("resume", default=False, optional=True,
+                               tooltip="Continue from this run name's newest checkpoint."),
+}
 
 
-class TrainLora:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LORA", "IMAGE", "STRING")
-    RETURN_NAMES = ("lora", "loss_curve", "report")
-    FUNCTION = "execute"
-    DESCRIPTION = ("Train a LoRA on the MODEL (which is left unchanged) with the cached dataset. Cancel stops "
-                   "within a step and saves what was learned as '<name>_partial' in models/loras.")
+class TrainLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraTrainerTrain", display_name="Train LoRA", category=CATEGORY,
+            description="Train a LoRA on the MODEL (which is left unchanged) with the cached dataset. Cancel stops "
+                        "within a step and saves what was learned as '<name>_partial' in models/loras.",
+            inputs=[NODE_INPUTS[name] if name in NODE_INPUTS else _config_input(name) for name in REQUIRED + OPTIONAL],
+            outputs=[LORA.Output("lora"), io.Image.Output("loss_curve"), io.String.Output("report")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        def spec(name: str) -> tuple:
-            return NODE_INPUTS[name] if name in NODE_INPUTS else _config_input(name)
-
-        return {"required": {name: spec(name) for name in REQUIRED},
-                "optional": {name: spec(name) for name in OPTIONAL},
-                "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    def execute(self, model, encoded, targets, name, flux_guidance=1.0, resume=False, unique_id=None, **settings):
+    def execute(cls, model, encoded, targets, name, flux_guidance=1.0, resume=False, **settings) -> io.NodeOutput:
         loras_path(name)  # a bad name fails now, not after the training
         edit = any(sample.control is not None for sample in encoded.dataset.samples)
         family = family_of(model, edit=edit)
@@ -95,7 +91,7 @@ class TrainLora:
                 raise FileNotFoundError(f"Train LoRA: resume is on but {checkpoint_dir} has no checkpoint; "
                                         "turn resume off or set checkpoint_every on the first run")
             resume_from = checkpoint_dir
-        progress = Progress(config.steps, unique_id)
+        progress = Progress(config.steps)
         load_for_training(model)
         data = LatentsIn(encoded.data, model)
 
@@ -122,7 +118,7 @@ class TrainLora:
         report = (f"{family.name} LoRA, {result.objective}, rank {config.rank}, {len(lora.layers)} layers, "
                   f"{result.steps_done} steps, final loss {last}"
                   + (", gradient checkpointing on" if result.gradient_checkpointing else ""))
-        return (lora, loss_curve_image(result.losses, title=f"{name}: loss ({result.objective})"), report)
+        return io.NodeOutput(lora, loss_curve_image(result.losses, title=f"{name}: loss ({result.objective})"), report)
 
 
 def _check_sizes(encoded, family) -> None:

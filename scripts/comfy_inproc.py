@@ -41,10 +41,15 @@ def loaded_pack(nodes):
 
 
 def run_node(nodes, node_id: str, **inputs):
-    """Execute one node the way ComfyUI's executor does (inside torch.inference_mode); its outputs tuple."""
+    """Execute one node the way ComfyUI's executor does (its own node-calling code, inside
+    torch.inference_mode, with the executing-node context set); the node's outputs tuple."""
+    import execution
     import torch
 
     cls = nodes.NODE_CLASS_MAPPINGS[node_id]
     with torch.inference_mode():
-        out = getattr(cls(), cls.FUNCTION)(**inputs)
-    return out["result"] if isinstance(out, dict) else out
+        (out,) = asyncio.run(execution._async_map_node_over_list(
+            "in-process", node_id, cls(), {name: [value] for name, value in inputs.items()}, cls.FUNCTION))
+    if isinstance(out, dict):  # dict-style nodes with a UI part
+        return out["result"]
+    return out.result if hasattr(out, "result") else out

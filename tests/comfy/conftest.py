@@ -1,6 +1,6 @@
 """ComfyUI in-process: its real modules, our pack loaded by its own custom-node loader, folders in tmp.
 
-Nodes are called the way ComfyUI's executor calls them (``getattr(node, FUNCTION)(**inputs)`` inside
+Nodes are called through ComfyUI's own executor code (``execution._async_map_node_over_list``, inside
 ``torch.inference_mode()``), on the tiny random SD1.5 checkpoint loaded by the stock loader.
 """
 

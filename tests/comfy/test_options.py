@@ -29,8 +29,8 @@ def test_the_train_node_inputs_are_train_config_settings(comfy, pack):
         default, option = options[name]
         kind, spec = inputs[name]
         assert spec["default"] == default and spec["tooltip"] == option.help, name
-        if option.choices:
-            assert kind == list(option.choices), name
+        if option.choices:  # a v3 combo: ("COMBO", {"options": [...]})
+            assert (kind, spec["options"]) == ("COMBO", list(option.choices)), name
         else:
             assert (spec.get("min"), spec.get("max")) == (option.min, option.max), name
 

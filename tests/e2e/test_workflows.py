@@ -75,7 +75,8 @@ def test_api_workflow_nodes_exist_and_links_type_check(name, object_info):
                     f"node {node_id}.{input_name}: {out_type} into {specs[input_name][0]}"
             else:
                 assert _is_widget(specs[input_name]), f"node {node_id}.{input_name} is a link input"
-                choices = specs[input_name][0] if isinstance(specs[input_name][0], list) else None
+                kind, *options = specs[input_name]  # a combo: [choices, ...] (v1) or ["COMBO", {"options": ...}] (v3)
+                choices = kind if isinstance(kind, list) else options[0].get("options") if kind == "COMBO" else None
                 if choices is not None and input_name not in USER_FILES:
                     assert value in choices, f"node {node_id}.{input_name}: {value!r} not in {choices}"
 
