@@ -60,7 +60,8 @@ class LoadLoraDataset(io.ComfyNode):
                                  "when an image is wider/taller than its bucket (fixed per image once cached)."),
                 io.Boolean.Input("flip", default=False, tooltip="Also learn mirrored images (both are cached)."),
             ],
-            outputs=[DATASET.Output("dataset"), io.String.Output("report")],
+            outputs=[DATASET.Output("dataset", display_name="dataset"),
+                     io.String.Output("report", display_name="report")],
         )
 
     @classmethod
@@ -90,7 +91,8 @@ class CaptionDropout(io.ComfyNode):
                 io.Int.Input("shuffle_variants", default=4, min=1, max=32, tooltip="With shuffle: shuffled captions "
                              "encoded per image; one is picked at each step."),
             ],
-            outputs=[DATASET.Output("dataset")],
+            # output ids must differ from input ids (0.3.75 checks); the socket still reads "dataset"
+            outputs=[DATASET.Output("dataset_out", display_name="dataset")],
         )
 
     @classmethod

@@ -46,7 +46,8 @@ class EncodeLatentsCache(io.ComfyNode):
                 io.String.Input("cache_dir", default=DEFAULT_CACHE, tooltip="Where encodings are kept. Relative "
                                 "paths are inside ComfyUI's output folder."),
             ],
-            outputs=[ENCODED.Output("encoded"), io.String.Output("report")],
+            outputs=[ENCODED.Output("encoded", display_name="encoded"),
+                     io.String.Output("report", display_name="report")],
         )
 
     @classmethod

@@ -106,7 +106,7 @@ class SaveLora(io.ComfyNode):
                 io.Combo.Input("precision", options=list(DTYPES), default="fp32", tooltip="fp16/bf16 halve the "
                                "file; fp32 keeps it identical to what Apply LoRA uses."),
             ],
-            outputs=[io.String.Output("path")],
+            outputs=[io.String.Output("path", display_name="path")],
         )
 
     @classmethod

@@ -67,7 +67,8 @@ class TrainLora(io.ComfyNode):
             description="Train a LoRA on the MODEL (which is left unchanged) with the cached dataset. Cancel stops "
                         "within a step and saves what was learned as '<name>_partial' in models/loras.",
             inputs=[NODE_INPUTS[name] if name in NODE_INPUTS else _config_input(name) for name in REQUIRED + OPTIONAL],
-            outputs=[LORA.Output("lora"), io.Image.Output("loss_curve"), io.String.Output("report")],
+            outputs=[LORA.Output("lora", display_name="lora"), io.Image.Output("loss_curve", display_name="loss_curve"),
+                     io.String.Output("report", display_name="report")],
         )
 
     @classmethod
