@@ -75,7 +75,7 @@ class ComfyDenoiser:
 
     def model_inputs(self, noisy: torch.Tensor, cond: dict[str, torch.Tensor]) -> dict[str, object]:
         """The keyword inputs ComfyUI's sampler would give the diffusion model for this batch."""
-        height, width = (side * 8 for side in noisy.shape[-2:])
+        height, width = (side * pixels_per_latent(self.base) for side in noisy.shape[-2:])
         params = {"noise": noisy, "device": noisy.device, "cross_attn": cond["context"], "width": width,
                   "height": height}
         params["pooled_output"] = cond.get("pooled")  # the key is always there in ComfyUI's sampler (0.3.75's Flux reads it)
@@ -132,6 +132,12 @@ def _out_of_place(forward):
             return forward(*args, **kwargs)
 
     return run
+
+
+def pixels_per_latent(base) -> int:
+    """Image pixels per latent pixel for ComfyUI's model ``base``: 8 for most, 16 for FLUX.2 (its latent format says;
+    older hosts' formats do not, and their models are all 8)."""
+    return getattr(base.latent_format, "spacial_downscale_ratio", 8)
 
 
 def _to(value, dtype: torch.dtype, device: torch.device):

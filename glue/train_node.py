@@ -13,7 +13,15 @@ from ..training.checkpoint import list_checkpoints
 from ..training.config import TrainConfig
 from ..training.dataset import tag_frequency
 from ..training.loop import TrainingDiverged, TrainResult, train
-from .bridge import ComfyDenoiser, LatentsIn, Progress, interrupt_now, load_for_training, training_mode
+from .bridge import (
+    ComfyDenoiser,
+    LatentsIn,
+    Progress,
+    interrupt_now,
+    load_for_training,
+    pixels_per_latent,
+    training_mode,
+)
 from .dataset_nodes import CATEGORY
 from .encode_node import ENCODED
 from .families import PRESETS, family_of
@@ -76,7 +84,7 @@ class TrainLora(io.ComfyNode):
         loras_path(name)  # a bad name fails now, not after the training
         edit = any(sample.control is not None for sample in encoded.dataset.samples)
         family = family_of(model, edit=edit)
-        _check_sizes(encoded, family)
+        _check_sizes(encoded, family, model)
         denoiser = ComfyDenoiser(model, guidance=family.guidance if family.guidance is None else flux_guidance)
         checkpoint_dir = under(folder_paths.get_output_directory(), f"lora_trainer/{name}/checkpoints",
                                what="Train LoRA: name")
@@ -122,10 +130,11 @@ class TrainLora(io.ComfyNode):
         return io.NodeOutput(lora, loss_curve_image(result.losses, title=f"{name}: loss ({result.objective})"), report)
 
 
-def _check_sizes(encoded, family) -> None:
+def _check_sizes(encoded, family, model) -> None:
     """Every bucket must suit the model's patches (FLUX/SD3/Qwen: multiples of 16 pixels)."""
-    bad = sorted({(h * 8, w * 8) for h, w in encoded.data.sizes if (h * 8) % family.bucket_multiple
-                  or (w * 8) % family.bucket_multiple})
+    factor = pixels_per_latent(model.model)
+    bad = sorted({(h * factor, w * factor) for h, w in encoded.data.sizes
+                  if (h * factor) % family.bucket_multiple or (w * factor) % family.bucket_multiple})
     if bad:
         raise ValueError(f"Train LoRA: {family.name} needs image sides that are multiples of {family.bucket_multiple} "
                          f"pixels, but the dataset has buckets {bad}; set Load LoRA Dataset's bucket_multiple to "
