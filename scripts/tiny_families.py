@@ -35,7 +35,8 @@ class Tiny:
     model_type: str | None = None  # force a comfy.model_base.ModelType (SD2 v-prediction)
     edit: bool = False  # trained on edit pairs (reference latents): the record's
     frames: bool = False  # latents carry a time axis, [C, 1, h, w] (Qwen's Wan VAE), as ComfyUI's VAE gives them
-    checkpoint_encoders: tuple[str, ...] = ()  # the encoders a checkpoint holds, where the CLIP target asks (SD3)
+    checkpoint_keys: tuple[str, ...] = ()  # text-encoder weights a checkpoint holds, where the CLIP target asks
+    vae: str = "sd"  # sd: SD's autoencoder; wan: Wan 2.1's; flux2: SD's with 32 channels and a batch-norm
 
 
 # SD-style UNets: a record's [tiny] unet table goes over this
@@ -71,7 +72,7 @@ def _tiny(record: dict) -> Tiny:
     unet = {**_UNET, **tiny.pop("unet")} if "unet" in tiny else None
     keys = {key: tuple(shape) for key, shape in tiny.pop("keys", {}).items()}
     return Tiny(config_class=record["config_classes"][0], encoders=encoders, unet=unet, keys=keys,
-                edit=record.get("edit", False), checkpoint_encoders=tuple(tiny.pop("checkpoint_encoders", ())),
+                edit=record.get("edit", False), checkpoint_keys=tuple(tiny.pop("checkpoint_keys", ())),
                 **tiny)
 
 
@@ -111,6 +112,20 @@ def tiny_model(family: str | Tiny, seed: int = 0):
     return patcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
+def unbuildable(family: str) -> str | None:
+    """Why this ComfyUI cannot build ``family``'s tiny text encoder or VAE (None: it can)."""
+    import torch
+
+    spec = TINY[family]
+    config = _family_config(spec)
+    prefix = config.text_encoder_key_prefix[0]
+    if config.clip_target({f"{prefix}{key}": torch.empty(0) for key in spec.checkpoint_keys}) is None:
+        return f"this ComfyUI has no text encoder for {spec.config_class} models"
+    if spec.vae == "flux2" and "bn.running_mean" not in _autoencoder(spec).state_dict():
+        return "this ComfyUI's autoencoder has no batch-normalised latent (FLUX.2's VAE)"
+    return None
+
+
 def tiny_clip(family: str, seed: int = 0):
     """A ComfyUI CLIP of ``family``'s text encoders (its ``clip_target``), small, with random weights."""
     import comfy.sd
@@ -119,8 +134,7 @@ def tiny_clip(family: str, seed: int = 0):
     spec = TINY[family]
     config = _family_config(spec)
     prefix = config.text_encoder_key_prefix[0]
-    target = config.clip_target({f"{prefix}{name}.transformer.text_model.final_layer_norm.weight": None
-                                 for name in spec.checkpoint_encoders})
+    target = config.clip_target({f"{prefix}{key}": torch.empty(0) for key in spec.checkpoint_keys})
     clip = comfy.sd.CLIP(target, model_options={f"{name}_model_config": dict(overrides)
                                                 for name, overrides in spec.encoders.items()})
     encoder = clip.cond_stage_model
@@ -152,14 +166,22 @@ def tiny_vae(family: str, seed: int = 0):
             model = WanVAE(dim=16, z_dim=spec.latent_channels, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                            attn_scales=[], temperal_downsample=[False, True, True])
         else:
-            from comfy.ldm.models.autoencoder import AutoencoderKL
-
-            from scripts.make_demo_assets import SD_VAE_DDCONFIG
-
-            channels = spec.latent_channels
-            model = AutoencoderKL(ddconfig={**SD_VAE_DDCONFIG, "z_channels": channels}, embed_dim=channels)
+            model = _autoencoder(spec)
         _randomize(model)
     return comfy.sd.VAE(sd=model.state_dict())
+
+
+def _autoencoder(spec: Tiny):
+    """SD's autoencoder with the family's latent channels (4 or 16), or FLUX.2's: 32 channels, patchified 2x2
+    into the latent's 128 and batch-normalised."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    from scripts.make_demo_assets import SD_VAE_DDCONFIG
+
+    if spec.vae == "flux2":
+        return AutoencoderKL(ddconfig={**SD_VAE_DDCONFIG, "z_channels": 32, "batch_norm_latent": True}, embed_dim=32)
+    channels = spec.latent_channels
+    return AutoencoderKL(ddconfig={**SD_VAE_DDCONFIG, "z_channels": channels}, embed_dim=channels)
 
 
 def _family_config(spec: Tiny):

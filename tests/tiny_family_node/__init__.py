@@ -3,12 +3,19 @@ any family (scripts/tiny_families.py), so each family's shipped workflow runs th
 loaders swapped for this one. ComfyUI's stock loaders cannot load such files: their detection fixes the widths.
 """
 
+import functools
 import sys
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the repo's scripts/, after ComfyUI's own modules
 
-from scripts.tiny_families import TINY, tiny_clip, tiny_model, tiny_vae  # noqa: E402
+from scripts.tiny_families import TINY, tiny_clip, tiny_model, tiny_vae, unbuildable  # noqa: E402
+
+
+@functools.cache
+def _buildable() -> list[str]:
+    """The families whose tiny model, text encoder and VAE this ComfyUI can build."""
+    return [family for family in TINY if unbuildable(family) is None]
 
 
 class TinyFamilyLoader:
@@ -18,7 +25,7 @@ class TinyFamilyLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (list(TINY),)}}
+        return {"required": {"family": (_buildable(),)}}
 
     def load(self, family):
         return tiny_model(family), tiny_clip(family), tiny_vae(family)
