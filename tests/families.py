@@ -12,4 +12,5 @@ EXPECTED = {
                         "diffusion_model.transformer_blocks.0.attn."),
     "Chroma": ("flow", "chroma", "chroma/lora", "lora_unet_double_blocks_0_img_attn_"),
     "Z-Image": ("flow", "z_image", "Z-Image/lora", "lora_unet_layers_0_attention_"),
+    "FLUX.2": ("flow", "flux2", "flux-2-dev/lora", "lora_unet_double_blocks_0_img_attn_"),
 }

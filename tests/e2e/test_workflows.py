@@ -50,7 +50,7 @@ def _is_widget(spec) -> bool:
 
 
 def test_there_are_workflows():
-    families = {"sd15", "sd2_v", "sdxl", "sd3", "flux_dev", "qwen_image", "qwen_image_edit", "chroma", "z_image"}
+    families = {"sd15", "sd2_v", "sdxl", "sd3", "flux_dev", "qwen_image", "qwen_image_edit", "chroma", "z_image", "flux2_dev"}
     assert {"demo_tiny_sd15"} | {f"{family}_train_then_generate" for family in families} <= set(NAMES)
 
 
@@ -125,13 +125,14 @@ def test_the_demo_workflow_runs_through_the_api(comfy_server, comfy_base_dir, ob
 
 FAMILY_WORKFLOWS = {"sd15": "SD15", "sd2_v": "SD2-v", "sdxl": "SDXL", "sd3": "SD3", "flux_dev": "FLUX.1-dev",
                     "qwen_image": "Qwen-Image", "qwen_image_edit": "Qwen-Image-Edit", "chroma": "Chroma",
-                    "z_image": "Z-Image"}
+                    "z_image": "Z-Image", "flux2_dev": "FLUX.2"}
 LOADERS = ("CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader")
 SMALL = {  # class_type: inputs that make the run a few steps at 64 px
     "LoraTrainerTrain": {"steps": 3, "learning_rate": 1e-2},
     "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64},
     "EmptySD3LatentImage": {"width": 64, "height": 64},
+    "EmptyFlux2LatentImage": {"width": 64, "height": 64},
     "ImageScaleToTotalPixels": {"megapixels": 0.01},
     "LoraTrainerLoadDataset": {"resolution": 64},
 }
@@ -160,6 +161,8 @@ def test_every_family_workflow_runs_through_the_api_on_the_tiny_model(workflow, 
                                                                      comfy_base_dir, object_info):
     """The shipped graph as a user queues it, on a tiny model of its family: it trains, saves a LoRA file with
     the family's metadata, and samples with and without the LoRA, which differ."""
+    if family not in object_info["TinyFamilyLoader"]["input"]["required"]["family"][0]:
+        pytest.skip(f"this ComfyUI cannot build a tiny {family} (its text encoder or VAE is newer)")
     graph = json.loads((WORKFLOWS / f"{workflow}_train_then_generate_api.json").read_text())
     graph = on_tiny_model(graph, family, object_info)
     folder = f"family_workflows/{workflow}"  # the dataset under input/, the images under output/
