@@ -198,6 +198,7 @@ def test_gradient_checkpointing_gives_the_same_lora_in_every_family(comfy, famil
 def _diffusers_model(family: str):
     """The diffusers model of the same tiny architecture as TINY[family], and its LoRA loader mixin."""
     from diffusers import (
+        Flux2Transformer2DModel,
         FluxTransformer2DModel,
         QwenImageTransformer2DModel,
         UNet2DConditionModel,
@@ -221,6 +222,10 @@ def _diffusers_model(family: str):
                                        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=64,
                                        pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
                 lora_pipeline.FluxLoraLoaderMixin)
+    if family == "FLUX.2":
+        return (Flux2Transformer2DModel(in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                                        num_attention_heads=2, joint_attention_dim=192),
+                lora_pipeline.Flux2LoraLoaderMixin)
     if family == "Z-Image":
         return (ZImageTransformer2DModel(dim=384, n_layers=1, n_heads=3, n_kv_heads=3, cap_feat_dim=64,
                                          axes_lens=[1536, 512, 512]),
@@ -244,13 +249,18 @@ def _diffusers_output(family: str, model) -> torch.Tensor:
             ids[:, 1], ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
             return model(torch.randn(1, 16, 64, generator=g), context, torch.randn(1, 32, generator=g),
                          torch.tensor([0.5]), ids, torch.zeros(7, 3), torch.tensor([1.0])).sample
+        if family == "FLUX.2":
+            ids = torch.zeros(1, 16, 4)
+            ids[0, :, 1], ids[0, :, 2] = torch.arange(16) // 4, torch.arange(16) % 4
+            return model(torch.randn(1, 16, 128, generator=g), torch.randn(1, 7, 192, generator=g),
+                         torch.tensor([0.5]), ids, torch.zeros(1, 7, 4), torch.tensor([1.0])).sample
         if family == "Z-Image":
             return model([torch.randn(16, 1, 8, 8, generator=g)], torch.tensor([0.5]), [context[0]])[0][0]
         return model(torch.randn(1, 16, 64, generator=g), context, torch.ones(1, 7, dtype=torch.bool),
                      torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]]).sample
 
 
-@pytest.mark.parametrize("family", ["SD15", "SDXL", "FLUX.1-dev", "Qwen-Image", "Z-Image"])
+@pytest.mark.parametrize("family", ["SD15", "SDXL", "FLUX.1-dev", "Qwen-Image", "Z-Image", "FLUX.2"])
 def test_the_saved_file_loads_in_diffusers_with_every_key(comfy, family, caplog):
     """The same file, through diffusers' own LoRA loader for that family, into the same tiny architecture."""
     import diffusers.utils.logging
@@ -279,7 +289,9 @@ def test_the_saved_file_loads_in_diffusers_with_every_key(comfy, family, caplog)
     assert not problems, problems[:3]
     adapted = {name for name, module in target.named_modules() if hasattr(module, "lora_A") and module.lora_A}
     # FLUX's fused layers become several diffusers layers: qkv -> to_q/k/v, linear1 -> to_q/k/v + proj_mlp
-    expected = sum({"qkv": 3, "linear1": 4}.get(path.rsplit(".", 1)[-1], 1) for path in lora.layers)
+    # (FLUX.2's diffusers single blocks keep linear1 fused: to_qkv_mlp_proj)
+    fused = {"qkv": 3, "linear1": 1 if family == "FLUX.2" else 4}
+    expected = sum(fused.get(path.rsplit(".", 1)[-1], 1) for path in lora.layers)
     assert len(adapted) == expected, (len(adapted), expected)
     assert not torch.allclose(_diffusers_output(family, target), before)
     del model, target
