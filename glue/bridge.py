@@ -283,9 +283,11 @@ class Progress:
         self.text(status_line(info))
 
     def text(self, message: str) -> None:
+        """A status line on the node, sent only to the client that queued the prompt (as ComfyUI sends its own
+        progress events; a prompt queued without a client id reaches every client)."""
         server = _prompt_server()
         if server is not None and self.node_id is not None:
-            server.send_progress_text(message, self.node_id)
+            server.send_progress_text(message, self.node_id, getattr(server, "client_id", None))
 
 
 def status_line(info: StepInfo) -> str:
