@@ -21,7 +21,7 @@ from comfy_execution.utils import get_executing_context
 from ..training.batching import Batch, TrainData
 from ..training.denoiser import NoiseSchedule
 from ..training.loop import StepInfo
-from .families import family_of, prediction_of
+from .families import Family, family_of, prediction_of
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,14 @@ class ComfyDenoiser:
     Qwen-Image-Edit's reference latents. SDXL's size conditioning is the bucket's pixel size, uncropped,
     as when sampling at that size."""
 
-    def __init__(self, model, guidance: float | None = None):
+    def __init__(self, model, guidance: float | None = None, family: Family | None = None):
         self.base = model.model
         self.module = self.base.diffusion_model
         self.sampling = model.get_model_object("model_sampling")  # with ModelSampling* nodes' patches
         self.prediction = prediction_of(model)
         self.guidance = guidance  # FLUX-dev's guidance embedding while training (None: ComfyUI's default)
-        self.in_place_residuals = family_of(model).in_place_residuals  # see OutOfPlaceAdds
+        # see OutOfPlaceAdds; ``family``: the caller's family_of(model), not looked up again
+        self.in_place_residuals = (family or family_of(model)).in_place_residuals
         self._checkpointed: list[torch.nn.Module] = []
 
     @property
@@ -78,7 +79,7 @@ class ComfyDenoiser:
         height, width = (side * pixels_per_latent(self.base) for side in noisy.shape[-2:])
         params = {"noise": noisy, "device": noisy.device, "cross_attn": cond["context"], "width": width,
                   "height": height}
-        params["pooled_output"] = cond.get("pooled")  # the key is always there in ComfyUI's sampler (0.3.75's Flux reads it)
+        params["pooled_output"] = cond.get("pooled")  # always sent by ComfyUI's sampler (0.3.75's Flux reads it)
         if "mask" in cond:  # 1 = token, 0 = padding: an integer mask, as ComfyUI's text encoders give it
             params["attention_mask"] = cond["mask"].round().long()
         if "control" in cond:

@@ -85,7 +85,8 @@ class TrainLora(io.ComfyNode):
         edit = any(sample.control is not None for sample in encoded.dataset.samples)
         family = family_of(model, edit=edit)
         _check_sizes(encoded, family, model)
-        denoiser = ComfyDenoiser(model, guidance=family.guidance if family.guidance is None else flux_guidance)
+        denoiser = ComfyDenoiser(model, guidance=family.guidance if family.guidance is None else flux_guidance,
+                                 family=family)
         checkpoint_dir = under(folder_paths.get_output_directory(), f"lora_trainer/{name}/checkpoints",
                                what="Train LoRA: name")
         try:
@@ -105,9 +106,9 @@ class TrainLora(io.ComfyNode):
         data = LatentsIn(encoded.data, model)
 
         def as_lora(result: TrainResult) -> TrainedLora:
-            return TrainedLora(result.lora, family, result.steps_done, result.config.to_dict(), encoded.dataset.resolution,
-                               tag_frequency(encoded.dataset.samples), encoded.dataset.policy.trigger,
-                               result.cancelled)
+            return TrainedLora(result.lora, family, result.steps_done, result.config.to_dict(),
+                               encoded.dataset.resolution, tag_frequency(encoded.dataset.samples),
+                               encoded.dataset.policy.trigger, result.cancelled)
 
         with torch.inference_mode(False), torch.enable_grad(), training_mode():
             try:
