@@ -9,7 +9,10 @@ index) can read them without importing the pack.
 from .dataset_nodes import CaptionDropout, LoadLoraDataset
 from .encode_node import EncodeLatentsCache
 from .lora_nodes import ApplyLora, SaveLora
+from .paths import remove_killed_writes
 from .train_node import TrainLora
+
+remove_killed_writes()
 
 NODE_CLASS_MAPPINGS = {
     "LoraTrainerLoadDataset": LoadLoraDataset,

@@ -9,8 +9,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..training.captions import CaptionPolicy
-from ..training.dataset import Sample, scan_folder
-from .paths import under
+from ..training.dataset import Sample, folder_fingerprint, scan_folder
+from .inputs import errors_named, finite
+from .paths import readable
 
 CATEGORY = "LoRA Trainer"
 DATASET = io.Custom("LORA_DATASET")
@@ -33,9 +34,7 @@ class LoraDataset:
 
 def resolve_folder(folder: str) -> str:
     """Absolute paths as given; relative ones inside ComfyUI's input folder."""
-    if not folder.strip().strip('"'):
-        raise ValueError("Load LoRA Dataset: 'folder' is empty; give the path of a folder of images + captions")
-    return under(folder_paths.get_input_directory(), folder, what="Load LoRA Dataset: folder", absolute=True)
+    return readable(folder_paths.get_input_directory(), folder, what="Load LoRA Dataset: folder")
 
 
 class LoadLoraDataset(io.ComfyNode):
@@ -65,9 +64,22 @@ class LoadLoraDataset(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, folder, **_) -> str:
+        """Follows the folder's contents, not only its name: added, removed, renamed or edited images and captions
+        make ComfyUI scan again instead of re-using the last scan."""
+        try:
+            return folder_fingerprint(resolve_folder(folder))
+        except ValueError:
+            return folder  # execute reports it
+
+    @classmethod
     def execute(cls, folder, resolution, bucket_multiple, strict, edit_pairs, random_crop, flip) -> io.NodeOutput:
+        if bucket_multiple > resolution:
+            raise ValueError(f"Load LoRA Dataset: bucket_multiple ({bucket_multiple}) is larger than resolution "
+                             f"({resolution}), so no bucket fits; lower bucket_multiple or raise resolution")
         path = resolve_folder(folder)
-        report = scan_folder(path, resolution=resolution, strict=strict, edit_pairs=edit_pairs)
+        with errors_named("Load LoRA Dataset"):
+            report = scan_folder(path, resolution=resolution, strict=strict, edit_pairs=edit_pairs)
         text = report.text()
         dataset = LoraDataset(path, tuple(report.samples), text, resolution, bucket_multiple, random_crop, flip)
         return io.NodeOutput(dataset, text)
@@ -97,7 +109,7 @@ class CaptionDropout(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset, dropout, trigger_word, shuffle_tags, keep_tokens, shuffle_variants) -> io.NodeOutput:
-        policy = CaptionPolicy(dropout=dropout, trigger=trigger_word.strip(), shuffle=shuffle_tags,
-                               keep_tokens=keep_tokens)
+        policy = CaptionPolicy(dropout=finite("Caption Dropout: dropout", dropout), trigger=trigger_word.strip(),
+                               shuffle=shuffle_tags, keep_tokens=keep_tokens)
         variants = shuffle_variants if shuffle_tags else 1
         return io.NodeOutput(dataclasses.replace(dataset, policy=policy, caption_variants=variants))

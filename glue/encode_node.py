@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..training.cache import CacheSettings, EncodedDataset, encode_dataset
+from ..training.cache import CacheSettings, EncodedDataset, encode_dataset, file_state
 from .bridge import ComfyEncoders
 from .dataset_nodes import CATEGORY, DATASET, LoraDataset
-from .paths import under
+from .inputs import errors_named
+from .paths import DEFAULT_CACHE, writable
 
-DEFAULT_CACHE = "lora_trainer_cache"
 ENCODED = io.Custom("LORA_ENCODED")
 
 
@@ -26,10 +27,16 @@ class LoraEncoded:
     cache_dir: str
 
 
+# Per cache folder: the state of every file this node verified or made there in this server, and how often a
+# change on disk made its earlier results stale (see EncodeLatentsCache.fingerprint_inputs).
+_verified: dict[str, dict[Path, tuple[int, int] | None]] = {}
+_generation: dict[str, int] = {}
+
+
 def resolve_cache_dir(cache_dir: str) -> str:
-    """Absolute paths as given; relative ones inside ComfyUI's output folder (kept across restarts)."""
-    return under(folder_paths.get_output_directory(), cache_dir.strip() or DEFAULT_CACHE,
-                 what="Encode Latents Cache: cache_dir", absolute=True)
+    """A folder inside ComfyUI's output folder (kept across restarts)."""
+    return writable(folder_paths.get_output_directory(), cache_dir.strip() or DEFAULT_CACHE,
+                    what="Encode Latents Cache: cache_dir")
 
 
 class EncodeLatentsCache(io.ComfyNode):
@@ -43,18 +50,33 @@ class EncodeLatentsCache(io.ComfyNode):
                 DATASET.Input("dataset", tooltip="From Load LoRA Dataset or Caption Dropout."),
                 io.Vae.Input("vae", tooltip="The VAE of the model you will train (e.g. from Load Checkpoint)."),
                 io.Clip.Input("clip", tooltip="The text encoder(s) of that model, as used by CLIP Text Encode."),
-                io.String.Input("cache_dir", default=DEFAULT_CACHE, tooltip="Where encodings are kept. Relative "
-                                "paths are inside ComfyUI's output folder."),
+                io.String.Input("cache_dir", default=DEFAULT_CACHE, tooltip="Where encodings are kept: a folder "
+                                "inside ComfyUI's output folder ('/' makes subfolders)."),
             ],
             outputs=[ENCODED.Output("encoded", display_name="encoded"),
                      io.String.Output("report", display_name="report")],
         )
 
     @classmethod
+    def fingerprint_inputs(cls, cache_dir, **_) -> str:
+        """ComfyUI re-uses this node's last result while its inputs stay the same. When a cache file that result
+        points to was changed or removed on disk since, the answer changes, so the node runs again and rebuilds
+        what was damaged before Train LoRA reads it."""
+        try:
+            folder = resolve_cache_dir(cache_dir)
+        except ValueError:
+            return cache_dir  # execute reports it
+        if any(file_state(path) != state for path, state in _verified.get(folder, {}).items()):
+            del _verified[folder]
+            _generation[folder] = _generation.get(folder, 0) + 1
+        return f"{folder}#{_generation.get(folder, 0)}"
+
+    @classmethod
     def execute(cls, dataset, vae, clip, cache_dir) -> io.NodeOutput:
         encoders = ComfyEncoders(vae, clip)
         try:
-            return io.NodeOutput(*encode(dataset, encoders, cache_dir))
+            with errors_named("Encode Latents Cache"):
+                return io.NodeOutput(*encode(dataset, encoders, cache_dir))
         finally:
             encoders.release()
 
@@ -68,6 +90,7 @@ def encode(dataset, encoders, cache_dir: str) -> tuple[LoraEncoded, str]:
     bar = comfy.utils.ProgressBar(len(dataset.samples))
     data = encode_dataset(dataset.samples, encoders, folder, settings, dataset.policy,
                           on_progress=lambda done, total: bar.update_absolute(done, total))
+    _verified.setdefault(folder, {}).update(data.files)
     stats = data.stats
     report = (f"{len(dataset.samples)} images ({len(data)} with repeats) in {folder}: encoded "
               f"{stats.encoded_images} images and {stats.encoded_texts} captions, reused {stats.reused}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from ..training.formats import build_metadata, save_lora, to_state_dict
 from ..training.lora import LoraTensors
 from .dataset_nodes import CATEGORY
 from .families import Family
-from .paths import under
+from .inputs import errors_named, finite
+from .paths import writable
 
 SAVE_FORMATS = ("auto", "kohya", "comfy", "diffusers")
 LORA = io.Custom("LORA")
@@ -35,6 +37,7 @@ class TrainedLora:
     trigger: str = ""
     cancelled: bool = False
     started_at: float = field(default_factory=time.time)
+    kept: str | None = None  # the copy Train LoRA keeps in models/loras until Save LoRA has written this LoRA
 
     @property
     def rank(self) -> int:
@@ -76,14 +79,15 @@ def metadata_for(lora: TrainedLora, title: str) -> dict[str, str]:
     )
 
 
-def loras_path(name: str) -> str:
+def loras_path(name: str, what: str = "Save LoRA: name") -> str:
     """``name`` (subfolders allowed) as a .safetensors path inside ComfyUI's first loras folder; refuse
-    anything that would land outside it."""
-    return under(folder_paths.get_folder_paths("loras")[0], name, what="Save LoRA: name", suffix=".safetensors")
+    anything that would land outside it or that could not be written (``paths.writable``)."""
+    return writable(folder_paths.get_folder_paths("loras")[0], name, what=what, suffix=".safetensors")
 
 
-def write_lora(lora: TrainedLora, name: str, format: str = "auto", precision: str = "fp32") -> str:
-    path = loras_path(name)
+def write_lora(lora: TrainedLora, name: str, format: str = "auto", precision: str = "fp32",
+               what: str = "Save LoRA: name") -> str:
+    path = loras_path(name, what)  # checked again when writing: a folder may have become a symlink meanwhile
     format, layers, prefix = file_layers(lora, format)
     metadata = metadata_for(lora, title=os.path.basename(path).removesuffix(".safetensors"))
     save_lora(path, layers, format=format, prefix=prefix, metadata=metadata, dtype=DTYPES[precision])
@@ -111,7 +115,11 @@ class SaveLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, name, format, precision) -> io.NodeOutput:
-        path = write_lora(lora, name, format, precision)
+        with errors_named("Save LoRA"):
+            path = write_lora(lora, name, format, precision)
+        if lora.kept not in (None, path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lora.kept)  # Train LoRA's safety copy: the LoRA is saved now
         return io.NodeOutput(path, ui=ui.PreviewText(path))
 
 
@@ -133,5 +141,6 @@ class ApplyLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora, strength) -> io.NodeOutput:
+        strength = finite("Apply LoRA: strength", strength)
         patched, _ = comfy.sd.load_lora_for_models(model, None, file_tensors(lora), strength, 0)
         return io.NodeOutput(patched)

@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from ..training.checkpoint import list_checkpoints
 from ..training.config import TrainConfig
 from ..training.dataset import tag_frequency
-from ..training.loop import TrainingDiverged, TrainResult, train
+from ..training.loop import TrainingFailed, TrainResult, train
 from .bridge import (
     ComfyDenoiser,
     LatentsIn,
@@ -25,9 +25,10 @@ from .bridge import (
 from .dataset_nodes import CATEGORY
 from .encode_node import ENCODED
 from .families import PRESETS, family_of
+from .inputs import errors_named, finite
 from .lora_nodes import LORA, TrainedLora, loras_path, write_lora
 from .loss_plot import loss_curve_image
-from .paths import under
+from .paths import writable
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ NODE_INPUTS = {
     "targets": io.Combo.Input("targets", options=list(PRESETS), default="attention", tooltip="Layers that get "
                               "adapters: attention projections, also the MLPs, or every linear layer."),
     "name": io.String.Input("name", default="lora_trainer/my_lora", tooltip="Run name: checkpoints go to "
-                            "output/lora_trainer/<name>/, a cancelled run saves models/loras/<name>_partial."
-                            "safetensors."),
+                            "output/lora_trainer/<name>/, what was trained is kept as models/loras/"
+                            "<name>_partial.safetensors until Save LoRA writes it."),
     "flux_guidance": io.Float.Input("flux_guidance", default=1.0, min=0.0, max=100.0, step=0.1, optional=True,
                                     tooltip="FLUX.1-dev only: the guidance embedding while training (1.0 as kohya "
                                     "and ai-toolkit; sample with FluxGuidance as usual)."),
@@ -73,7 +74,8 @@ class TrainLora(io.ComfyNode):
         return io.Schema(
             node_id="LoraTrainerTrain", display_name="Train LoRA", category=CATEGORY,
             description="Train a LoRA on the MODEL (which is left unchanged) with the cached dataset. Cancel stops "
-                        "within a step and saves what was learned as '<name>_partial' in models/loras.",
+                        "within a step. What was learned is kept as '<name>_partial' in models/loras until Save LoRA "
+                        "has written it, so a Cancel at any moment after the first step keeps it.",
             inputs=[NODE_INPUTS[name] if name in NODE_INPUTS else _config_input(name) for name in REQUIRED + OPTIONAL],
             outputs=[LORA.Output("lora", display_name="lora"), io.Image.Output("loss_curve", display_name="loss_curve"),
                      io.String.Output("report", display_name="report")],
@@ -81,54 +83,76 @@ class TrainLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, encoded, targets, name, flux_guidance=1.0, resume=False, **settings) -> io.NodeOutput:
-        loras_path(name)  # a bad name fails now, not after the training
-        edit = any(sample.control is not None for sample in encoded.dataset.samples)
-        family = family_of(model, edit=edit)
-        _check_sizes(encoded, family, model)
-        denoiser = ComfyDenoiser(model, guidance=family.guidance if family.guidance is None else flux_guidance,
-                                 family=family)
-        checkpoint_dir = under(folder_paths.get_output_directory(), f"lora_trainer/{name}/checkpoints",
-                               what="Train LoRA: name")
+        with errors_named("Train LoRA"):
+            return train_lora(model, encoded, targets, name, flux_guidance, resume, settings)
+
+
+def train_lora(model, encoded, targets, name, flux_guidance, resume, settings) -> io.NodeOutput:
+    kept_name = f"{name}_partial"
+    for checked in (name, kept_name):  # bad names fail now, not after the training
+        loras_path(checked, "Train LoRA: name")
+    checkpoint_dir = writable(folder_paths.get_output_directory(), f"lora_trainer/{name}/checkpoints",
+                              what="Train LoRA: name")
+    edit = any(sample.control is not None for sample in encoded.dataset.samples)
+    family = family_of(model, edit=edit)
+    _check_sizes(encoded, family, model)
+    _check_cache(encoded)
+    flux_guidance = finite("Train LoRA: flux_guidance", flux_guidance)
+    denoiser = ComfyDenoiser(model, guidance=family.guidance if family.guidance is None else flux_guidance,
+                             family=family)
+    config = TrainConfig(**settings, targets=family.targets(targets),
+                         log_every=max(1, min(10, settings["steps"] // 20)),
+                         checkpoint_dir=checkpoint_dir if settings.get("checkpoint_every") else None)
+    resume_from = None
+    if resume:
+        if not list_checkpoints(checkpoint_dir):
+            raise FileNotFoundError(f"Train LoRA: resume is on but {checkpoint_dir} has no checkpoint; "
+                                    "turn resume off or set checkpoint_every on the first run")
+        resume_from = checkpoint_dir
+    progress = Progress(config.steps)
+    load_for_training(model)
+    data = LatentsIn(encoded.data, model)
+
+    def kept(result: TrainResult) -> TrainedLora:
+        """The run's LoRA, also written to models/loras/<name>_partial, so that it survives a Cancel from
+        now until Save LoRA has written it (Save then removes this copy)."""
+        lora = TrainedLora(result.lora, family, result.steps_done, result.config.to_dict(),
+                           encoded.dataset.resolution, tag_frequency(encoded.dataset.samples),
+                           encoded.dataset.policy.trigger, result.cancelled)
+        if result.steps_done:
+            lora.kept = write_lora(lora, kept_name, what="Train LoRA: name")
+        return lora
+
+    with torch.inference_mode(False), torch.enable_grad(), training_mode():
         try:
-            config = TrainConfig(**settings, targets=family.targets(targets),
-                                 log_every=max(1, min(10, settings["steps"] // 20)),
-                                 checkpoint_dir=checkpoint_dir if settings.get("checkpoint_every") else None)
-        except ValueError as error:
-            raise ValueError(f"Train LoRA: {error}") from error
-        resume_from = None
-        if resume:
-            if not list_checkpoints(checkpoint_dir):
-                raise FileNotFoundError(f"Train LoRA: resume is on but {checkpoint_dir} has no checkpoint; "
-                                        "turn resume off or set checkpoint_every on the first run")
-            resume_from = checkpoint_dir
-        progress = Progress(config.steps)
-        load_for_training(model)
-        data = LatentsIn(encoded.data, model)
+            result = train(config, denoiser, data, on_step=progress.on_step, should_stop=progress.should_stop,
+                           resume_from=resume_from, interrupts=(mm.InterruptProcessingException,))
+        except TrainingFailed as error:
+            path = kept(error.result).kept
+            raise RuntimeError(f"Train LoRA: {error} Saved the adapter of step {error.result.steps_done} to "
+                               f"{path}.") from error
+    lora = kept(result)
+    if result.cancelled:
+        message = (f"Cancelled at step {result.steps_done}/{config.steps}; "
+                   + (f"saved the LoRA trained so far to {lora.kept}" if lora.kept else "no step was completed"))
+        log.warning(message)
+        progress.text(message)
+        interrupt_now()
+    last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
+    report = (f"{family.name} LoRA, {result.objective}, rank {config.rank}, {len(lora.layers)} layers, "
+              f"{result.steps_done} steps, final loss {last}"
+              + (", gradient checkpointing on" if result.gradient_checkpointing else ""))
+    return io.NodeOutput(lora, loss_curve_image(result.losses, title=f"{name}: loss ({result.objective})"), report)
 
-        def as_lora(result: TrainResult) -> TrainedLora:
-            return TrainedLora(result.lora, family, result.steps_done, result.config.to_dict(),
-                               encoded.dataset.resolution, tag_frequency(encoded.dataset.samples),
-                               encoded.dataset.policy.trigger, result.cancelled)
 
-        with torch.inference_mode(False), torch.enable_grad(), training_mode():
-            try:
-                result = train(config, denoiser, data, on_step=progress.on_step, should_stop=progress.should_stop,
-                               resume_from=resume_from, interrupts=(mm.InterruptProcessingException,))
-            except TrainingDiverged as error:
-                path = write_lora(as_lora(error.result), f"{name}_partial")
-                raise RuntimeError(f"Train LoRA: {error} Saved that adapter to {path}.") from error
-        lora = as_lora(result)
-        if result.cancelled:
-            path = write_lora(lora, f"{name}_partial")
-            message = f"Cancelled at step {result.steps_done}/{config.steps}; saved the LoRA trained so far to {path}"
-            log.warning(message)
-            progress.text(message)
-            interrupt_now()
-        last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
-        report = (f"{family.name} LoRA, {result.objective}, rank {config.rank}, {len(lora.layers)} layers, "
-                  f"{result.steps_done} steps, final loss {last}"
-                  + (", gradient checkpointing on" if result.gradient_checkpointing else ""))
-        return io.NodeOutput(lora, loss_curve_image(result.losses, title=f"{name}: loss ({result.objective})"), report)
+def _check_cache(encoded) -> None:
+    """The cache files the run will read are as Encode Latents Cache verified them (ComfyUI may hand over that
+    node's result from an earlier prompt)."""
+    changed = encoded.data.changed_files()
+    if changed:
+        raise RuntimeError(f"Train LoRA: {len(changed)} files of the latent cache in {encoded.cache_dir} were changed "
+                           f"or removed after Encode Latents Cache verified them (e.g. {changed[0]}); queue the "
+                           "prompt again: Encode Latents Cache then sees the change and rebuilds them")
 
 
 def _check_sizes(encoded, family, model) -> None:

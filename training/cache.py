@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from .batching import Batch, stack_conditioning
 from .buckets import image_to_tensor, make_buckets, nearest_bucket, resize_and_crop
 from .captions import CaptionPolicy
 from .dataset import Sample, load_image
-from .files import atomic_path
+from .files import atomic_path, remove_temp_files, temp_name
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "1"
@@ -64,6 +65,9 @@ class CacheSettings:
     def __post_init__(self) -> None:
         if self.resolution < 64:
             raise ValueError(f"resolution must be >= 64 pixels, got {self.resolution}")
+        if self.bucket_multiple < 1 or self.bucket_multiple > self.resolution:
+            raise ValueError(f"bucket_multiple must be between 1 and resolution ({self.resolution}), got "
+                             f"{self.bucket_multiple}; lower bucket_multiple or raise resolution")
         if self.caption_variants < 1:
             raise ValueError(f"caption_variants must be >= 1, got {self.caption_variants}")
 
@@ -95,6 +99,14 @@ class EncodedDataset:
         self.samples = [s for s, n in zip(samples, repeats) for _ in range(n)]
         self.sizes = [s.size for s in self.samples]
         self.empty_text, self.policy, self.stats = empty_text, policy, stats
+        paths = {empty_text}
+        for sample in samples:
+            paths.update(p for p in (sample.latent, sample.flipped, sample.control, sample.empty, *sample.texts) if p)
+        self.files = {path: file_state(path) for path in sorted(paths)}  # as verified when encoded
+
+    def changed_files(self) -> list[Path]:
+        """Cache files changed or removed on disk since they were verified (cheap: no file is read)."""
+        return [path for path, state in self.files.items() if file_state(path) != state]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -119,7 +131,7 @@ def encode_dataset(samples: Sequence[Sample], encoders: Encoders, cache_dir: str
                    on_progress: Callable[[int, int], None] | None = None) -> EncodedDataset:
     """Encode what the cache lacks, then return the dataset over the cache files."""
     cache = _Cache(Path(cache_dir), encoders.identity)
-    multiple = max(settings.bucket_multiple, encoders.latent_multiple)
+    multiple = math.lcm(settings.bucket_multiple, encoders.latent_multiple)
     buckets = make_buckets(settings.resolution**2, multiple=multiple)
     encoded = []
     for number, sample in enumerate(samples):
@@ -182,11 +194,15 @@ class _Cache:
         self.root, self.identity, self.stats = root, identity, CacheStats()
         try:
             root.mkdir(parents=True, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=root, prefix=".write_test_", delete=True)
-            probe.close()
+            removed = remove_temp_files(root)  # left by a killed run
+            probe = root / temp_name("write_test", secrets.token_hex(4))
+            probe.touch()
+            probe.unlink()
         except OSError as error:
             raise PermissionError(f"Cache folder {root} is not writable ({error.strerror}); "
                                   "choose another cache_dir") from error
+        if removed:
+            log.info("removed %d temporary files left in %s by an interrupted run", removed, root)
 
     def entry(self, kind: str, key: Mapping[str, object], make: Callable[[], dict[str, torch.Tensor]]) -> Path:
         """The cache file for ``key``; made with ``make()`` when missing or damaged."""
@@ -203,6 +219,15 @@ class _Cache:
         with atomic_path(path, durable=False) as temp:  # a damaged entry is found by its hash and made again
             save_file(tensors, temp, metadata={"sha256": _digest(tensors)})
         return path
+
+
+def file_state(path: Path) -> tuple[int, int] | None:
+    """(size, modification time in ns) of ``path``; None if it is gone."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _digest(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,8 @@ class Option:
     def check(self, name: str, value: object) -> None:
         if self.choices and value not in self.choices:
             raise ValueError(f"{name} must be one of {list(self.choices)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
         if self.min is not None and value < self.min:
             raise ValueError(f"{name} must be >= {self.min}, got {value}")
         if self.max is not None and value > self.max:

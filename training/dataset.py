@@ -11,7 +11,9 @@ Layout::
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -145,6 +147,7 @@ class _Scan:
     problems: list[Problem] = field(default_factory=list)
     bad: set[Path] = field(default_factory=set)
     visited: set[Path] = field(default_factory=set)
+    orphans: list[Problem] = field(default_factory=list)  # caption files without an image
 
     def problem(self, path: Path, message: str) -> None:
         self.problems.append(Problem(path, message))
@@ -160,6 +163,11 @@ class _Scan:
         sidecars = {(p.stem, p.suffix.lower()): p for p in entries
                     if p.suffix.lower() in CAPTION_EXTENSIONS and p.is_file()}
         controls = self._controls(folder / CONTROL_DIR, images)
+        stems = {image.stem for image in images}
+        self.orphans += [Problem(path, f"caption without an image: no {stem}.png (or "
+                                       f"{', '.join(IMAGE_EXTENSIONS[1:])}) beside it; add the image (other image "
+                                       "types are not read: convert them) or remove the caption file")
+                         for (stem, _), path in sidecars.items() if stem not in stems]
         for image in self._unique_stems(images):
             self.image(image, sidecars, controls, repeats, group)
         for sub in entries:
@@ -274,11 +282,12 @@ def scan_folder(folder: str | Path, *, resolution: int | None = None, strict: bo
                            ScanReport([], [], [], root))
     scan = _Scan(root, resolution, edit_pairs)
     scan.folder(root, 1, root.resolve().name)
-    problems = sorted(scan.problems, key=lambda p: (str(p.path), p.message))
+    problems = scan.problems
     samples = sorted((s for s in scan.samples if s.image not in scan.bad), key=lambda s: str(s.image))
     if not samples and not problems:
         raise DatasetError(f"No images found in {root}; {expected} (with .txt or .caption sidecars)",
-                           ScanReport([], [], [], root))
+                           ScanReport([], scan.orphans, [], root))
+    problems = sorted(problems + scan.orphans, key=lambda p: (str(p.path), p.message))
     if strict and problems:
         report = ScanReport(samples, problems, [], root)
         raise DatasetError(f"The dataset has {len(problems)} problems; fix them or turn strict off to skip "
@@ -291,6 +300,28 @@ def scan_folder(folder: str | Path, *, resolution: int | None = None, strict: bo
         raise DatasetError(f"Every image in {root} has a problem, nothing left to train on.\n{report.text()}",
                            report)
     return report
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """Changes whenever a file under ``folder`` is added, removed, renamed, rewritten or touched: a hash of every
+    file's relative name, size and modification time (no file is read, so it is cheap to ask every prompt)."""
+    root = Path(folder).expanduser()
+    digest, seen = hashlib.sha256(), set()
+    for parent, folders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:  # a symlink loop
+            folders.clear()
+            continue
+        seen.add(real)
+        folders.sort()
+        for name in sorted(files):
+            path = os.path.join(parent, name)
+            try:
+                stat = os.stat(path)
+            except OSError:  # vanished, or a broken link
+                continue
+            digest.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def tag_frequency(samples: Iterable[Sample]) -> dict[str, dict[str, int]]:

@@ -4,10 +4,37 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def temp_name(name: str, token: str = "0" * 8) -> str:
+    """The hidden name a file called ``name`` is written under before it is renamed into place."""
+    return f".{name}.{token}.tmp"
+
+
+TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
+def remove_temp_files(folder: str | os.PathLike[str]) -> int:
+    """Remove what killed writes left under ``folder`` (temporary files and folders, see ``atomic_path``);
+    returns how many. Only for folders no other process is writing into."""
+    removed = 0
+    for parent, folders, files in os.walk(folder):
+        for name in [*files, *folders]:
+            if TEMP_NAME.fullmatch(name):
+                path = os.path.join(parent, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                removed += 1
+        folders[:] = [f for f in folders if not TEMP_NAME.fullmatch(f)]
+    return removed
 
 
 @contextlib.contextmanager
@@ -18,7 +45,7 @@ def atomic_path(target: str | os.PathLike[str], *, folder: bool = False, durable
     The ``.tmp`` suffix keeps a partial file out of ComfyUI's model lists, which filter by extension."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    temp = target.with_name(temp_name(target.name, secrets.token_hex(4)))
     if folder:
         temp.mkdir()
     try:

@@ -56,12 +56,17 @@ class TrainResult:
         return self.config.objective
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; ``result`` holds the adapter from the last good check."""
+class TrainingFailed(RuntimeError):
+    """The run failed after at least one completed step; ``result`` holds the adapter trained so far, for the
+    caller to keep. The original error is its ``__cause__``."""
 
     def __init__(self, message: str, result: TrainResult):
         super().__init__(message)
         self.result = result
+
+
+class TrainingDiverged(TrainingFailed):
+    """The loss became NaN/inf; ``result`` holds the adapter from the last good check."""
 
 
 def objective_for(config: TrainConfig, schedule: NoiseSchedule = NoiseSchedule()) -> DDPMObjective | FlowObjective:
@@ -184,71 +189,77 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     loss_sum = torch.zeros((), device=device)
     interval_steps, interval_start, started, first_step = 0, time.perf_counter(), time.perf_counter(), step
     it_per_s = 0.0
-    while step < config.steps:
-        if should_stop is not None and should_stop():
-            result.cancelled = True
-            break
-        try:
-            loss_sum += _accumulate_gradients(config, denoiser, objective, stream, position, scaler)
-        except interrupts:
-            optimizer.zero_grad(set_to_none=True)  # the half-done step is dropped
-            result.cancelled = True
-            break
-        except torch.OutOfMemoryError:
-            can_retry = config.gradient_checkpointing == "auto" and hasattr(denoiser, "set_gradient_checkpointing")
-            if checkpointing or not can_retry:
-                raise
-            optimizer.zero_grad(set_to_none=True)  # the step is redone, same batch and noise, with less memory
-            checkpointing = True
-            _set_gradient_checkpointing(denoiser, True)
-            _free_device_memory(device)
-            log.warning("step %d ran out of memory; gradient checkpointing is now on", step + 1)
-            continue
-        position += config.grad_accum
-        if scaler:
-            scaler.unscale_(optimizer)
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        interval_steps += 1
-
-        at_checkpoint = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-        if step % config.log_every == 0 or step == config.steps or at_checkpoint:
-            mean = (loss_sum / interval_steps).item()  # note: the one host-device sync per interval
-            if not math.isfinite(mean):
-                _restore(params, good)
-                result.lora, result.steps_done = attachment.tensors(), step - interval_steps
-                raise TrainingDiverged(
-                    f"Loss became {mean} between steps {step - interval_steps} and {step}; kept the adapter "
-                    f"of step {result.steps_done}. Lower the learning rate or use fp32/bf16.", result)
-            good = [p.detach().clone() for p in params]
-            smoothed = mean if smoothed is None else EMA_DECAY * smoothed + (1 - EMA_DECAY) * mean
-            result.losses.append((step, mean))
-            now = time.perf_counter()
-            it_per_s = interval_steps / max(now - interval_start, 1e-9)
-            loss_sum.zero_()
-            interval_steps, interval_start = 0, now
-        result.steps_done = step
-        if at_checkpoint:
-            state = TrainState(step, position, optimizer.state_dict(), schedule.state_dict(),
-                               scaler.state_dict() if scaler else None, _get_rng(device), smoothed,
-                               config.to_dict(), config.trajectory_hash())
-            save_checkpoint(config.checkpoint_dir, attachment.tensors(), state, config.keep_checkpoints)
-        if on_step is not None:
-            last = result.losses[-1][1] if result.losses else None
-            eta = (config.steps - step) / it_per_s if it_per_s else math.inf
-            try:
-                on_step(StepInfo(step, config.steps, last, smoothed, schedule.get_last_lr()[0], it_per_s, eta))
-            except interrupts:
+    try:
+        while step < config.steps:
+            if should_stop is not None and should_stop():
                 result.cancelled = True
                 break
+            try:
+                loss_sum += _accumulate_gradients(config, denoiser, objective, stream, position, scaler)
+            except interrupts:
+                optimizer.zero_grad(set_to_none=True)  # the half-done step is dropped
+                result.cancelled = True
+                break
+            except torch.OutOfMemoryError:
+                can_retry = config.gradient_checkpointing == "auto" and hasattr(denoiser, "set_gradient_checkpointing")
+                if checkpointing or not can_retry:
+                    raise
+                optimizer.zero_grad(set_to_none=True)  # the step is redone, same batch and noise, with less memory
+                checkpointing = True
+                _set_gradient_checkpointing(denoiser, True)
+                _free_device_memory(device)
+                log.warning("step %d ran out of memory; gradient checkpointing is now on", step + 1)
+                continue
+            position += config.grad_accum
+            if scaler:
+                scaler.unscale_(optimizer)
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            interval_steps += 1
+
+            at_checkpoint = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+            if step % config.log_every == 0 or step == config.steps or at_checkpoint:
+                mean = (loss_sum / interval_steps).item()  # note: the one host-device sync per interval
+                if not math.isfinite(mean):
+                    _restore(params, good)
+                    result.lora, result.steps_done = attachment.tensors(), step - interval_steps
+                    raise TrainingDiverged(
+                        f"Loss became {mean} between steps {step - interval_steps} and {step}; kept the adapter "
+                        f"of step {result.steps_done}. Lower the learning rate or use fp32/bf16.", result)
+                good = [p.detach().clone() for p in params]
+                smoothed = mean if smoothed is None else EMA_DECAY * smoothed + (1 - EMA_DECAY) * mean
+                result.losses.append((step, mean))
+                now = time.perf_counter()
+                it_per_s = interval_steps / max(now - interval_start, 1e-9)
+                loss_sum.zero_()
+                interval_steps, interval_start = 0, now
+            result.steps_done = step
+            if at_checkpoint:
+                state = TrainState(step, position, optimizer.state_dict(), schedule.state_dict(),
+                                   scaler.state_dict() if scaler else None, _get_rng(device), smoothed,
+                                   config.to_dict(), config.trajectory_hash())
+                save_checkpoint(config.checkpoint_dir, attachment.tensors(), state, config.keep_checkpoints)
+            if on_step is not None:
+                last = result.losses[-1][1] if result.losses else None
+                eta = (config.steps - step) / it_per_s if it_per_s else math.inf
+                try:
+                    on_step(StepInfo(step, config.steps, last, smoothed, schedule.get_last_lr()[0], it_per_s, eta))
+                except interrupts:
+                    result.cancelled = True
+                    break
+    except Exception as error:  # keep what the completed steps learned; Cancel is handled above
+        if isinstance(error, TrainingFailed) or result.steps_done == 0:
+            raise
+        result.lora = attachment.tensors()
+        raise TrainingFailed(f"{type(error).__name__} after step {result.steps_done}: {error}", result) from error
     result.lora = attachment.tensors()
     result.data_wait_s = stream.wait_s
     result.gradient_checkpointing = checkpointing

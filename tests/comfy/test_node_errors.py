@@ -76,7 +76,7 @@ def test_subfolders_are_fine(comfy, tiny_lora):
 
 def test_train_with_a_bad_name_fails_before_training(comfy, sd15, tiny_lora):
     model, _, _ = sd15
-    with pytest.raises(ValueError, match="Save LoRA: name"):
+    with pytest.raises(ValueError, match="Train LoRA: name '../x'"):
         run_node(comfy, "LoraTrainerTrain", model=model, encoded=None, steps=1, learning_rate=1e-3, rank=2,
                  alpha=0.0, targets="attention", objective="auto", batch_size=1, seed=0, name="../x")
 

@@ -8,7 +8,7 @@ import torch
 from tests.unit.toy import ToyDenoiser, toy_data
 from training.checkpoint import list_checkpoints
 from training.config import TrainConfig
-from training.loop import TrainingDiverged, train
+from training.loop import TrainingDiverged, TrainingFailed, train
 
 BASE = dict(objective="ddpm-eps", targets=("to_q", "to_k"), rank=4, learning_rate=1e-2, batch_size=2,
             log_every=5, seed=7)
@@ -155,9 +155,12 @@ def test_an_interrupt_raised_mid_step_keeps_the_last_completed_step():
     result = train(TrainConfig(steps=30, **BASE), Interrupting(), toy_data(), interrupts=(HostInterrupt,))
     assert result.cancelled and result.steps_done == 7
     assert _max_diff(result.lora, seven.lora) == 0
-    with pytest.raises(HostInterrupt):  # not declared: not swallowed
+    with pytest.raises(TrainingFailed, match="HostInterrupt after step 7") as caught:  # not declared: an error
         calls.clear()
         train(TrainConfig(steps=30, **BASE), Interrupting(), toy_data())
+    # which still keeps what the completed steps learned, for the caller to save
+    assert isinstance(caught.value.__cause__, HostInterrupt) and caught.value.result.steps_done == 7
+    assert _max_diff(caught.value.result.lora, seven.lora) == 0
 
 
 class MemoryHungry(ToyDenoiser):
@@ -187,6 +190,7 @@ def test_auto_gradient_checkpointing_turns_on_only_when_a_step_runs_out_of_memor
     assert hungry.checkpointing == [False, True, False]  # off at first, on after the failure, off at the end
     assert _max_diff(result.lora, plain.lora) < 1e-6  # the failed step was redone with the same batch and noise
 
-    with pytest.raises(torch.OutOfMemoryError):  # "off" means off: the error reaches the user
-        train(TrainConfig(steps=6, gradient_checkpointing="off", **BASE), MemoryHungry(), toy_data())
+    with pytest.raises(TrainingFailed, match="OutOfMemoryError after step 2") as caught:  # "off" means off: the
+        train(TrainConfig(steps=6, gradient_checkpointing="off", **BASE), MemoryHungry(), toy_data())  # user sees it
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
     assert TrainConfig(gradient_checkpointing=True).gradient_checkpointing == "on"
