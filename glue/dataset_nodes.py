@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import folder_paths
@@ -35,6 +36,15 @@ class LoraDataset:
 def resolve_folder(folder: str) -> str:
     """Absolute paths as given; relative ones inside ComfyUI's input folder."""
     return readable(folder_paths.get_input_directory(), folder, what="Load LoRA Dataset: folder")
+
+
+def existing_folder(folder: str) -> str:
+    path = resolve_folder(folder)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Load LoRA Dataset: folder {folder!r} is not a folder ({path} "
+                                f"{'is a file' if os.path.exists(path) else 'does not exist'}); give the path of "
+                                "a folder of images with captions, or a name inside ComfyUI's input folder")
+    return path
 
 
 class LoadLoraDataset(io.ComfyNode):
@@ -77,7 +87,7 @@ class LoadLoraDataset(io.ComfyNode):
         if bucket_multiple > resolution:
             raise ValueError(f"Load LoRA Dataset: bucket_multiple ({bucket_multiple}) is larger than resolution "
                              f"({resolution}), so no bucket fits; lower bucket_multiple or raise resolution")
-        path = resolve_folder(folder)
+        path = existing_folder(folder)
         with errors_named("Load LoRA Dataset"):
             report = scan_folder(path, resolution=resolution, strict=strict, edit_pairs=edit_pairs)
         text = report.text()

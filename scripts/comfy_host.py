@@ -42,7 +42,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -346,6 +346,7 @@ def start_server(
     timeout_s: float = START_TIMEOUT_S,
     python: Path | str = sys.executable,
     link: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> Server:
     """Start ComfyUI (``root``, default ``comfy_root()``) with ``python`` and return once
     ``GET /system_stats`` answers.
@@ -354,7 +355,7 @@ def start_server(
     install (the folder is created and this pack linked into its custom_nodes/, unless ``link`` is False);
     without it the pack is linked into the install's own custom_nodes/. The log goes to ``log_path`` (default:
     ``<base_dir>/comfyui.log`` or a temporary file). Raises ``RuntimeError`` with the log's last
-    lines if the server exits or does not answer within ``timeout_s``.
+    lines if the server exits or does not answer within ``timeout_s``. ``env`` adds environment variables.
     """
     root = Path(root) if root is not None else comfy_root()
     port = port or free_port()
@@ -374,7 +375,8 @@ def start_server(
     cmd = server_command(root, port, base_dir, extra_args, python)
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            cmd, cwd=root, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            cmd, cwd=root, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
         )
     server = Server(process, f"http://127.0.0.1:{port}", log_path, base_dir)
     try:

@@ -83,3 +83,36 @@ def test_train_with_a_bad_name_fails_before_training(comfy, sd15, tiny_lora):
 
 def _files_outside(comfy):
     return sorted(p for p in comfy.base.parent.rglob("*escape*"))
+
+
+def test_nan_is_refused_by_name(comfy, sd15, tiny_lora):
+    model, _, _ = sd15
+    with pytest.raises(ValueError, match="Apply LoRA: strength must be a finite number, got nan"):
+        run_node(comfy, "LoraTrainerApply", model=model, lora=tiny_lora, strength=float("nan"))
+
+
+def test_engine_errors_reach_users_as_plain_types_naming_the_node(comfy):
+    folder = comfy.base / "input" / "only_captions"
+    folder.mkdir(exist_ok=True)
+    (folder / "a.txt").write_text("a caption without its image")
+    with pytest.raises(ValueError, match="^Load LoRA Dataset: No images found") as caught:
+        run_node(comfy, "LoraTrainerLoadDataset", folder=str(folder), **DATASET)
+    assert type(caught.value) is ValueError  # not the engine's DatasetError, shown with its install path
+
+
+def test_a_cache_changed_after_encoding_is_found_before_training(comfy, sd15, demo_folder):
+    model, clip, vae = sd15
+    dataset, _ = run_node(comfy, "LoraTrainerLoadDataset", folder=str(demo_folder), **DATASET)
+    encoded, _ = run_node(comfy, "LoraTrainerEncodeLatentsCache", dataset=dataset, vae=vae, clip=clip,
+                          cache_dir="cache_changed")
+    node = comfy.NODE_CLASS_MAPPINGS["LoraTrainerEncodeLatentsCache"]
+    intact = node.fingerprint_inputs(cache_dir="cache_changed")
+    encoded.data.samples[0].latent.unlink()
+    with pytest.raises(RuntimeError, match="Train LoRA: 1 files of the latent cache .* were changed or removed .*"
+                                           "queue the prompt again"):
+        run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=1, learning_rate=1e-3, rank=2,
+                 alpha=0.0, targets="attention", objective="auto", batch_size=1, seed=0, name="tests/changed")
+    # ComfyUI asks Encode Latents Cache whether its result still holds: not any more, so it runs again; asked
+    # again before that run, the answer stays (no endless re-runs)
+    changed = node.fingerprint_inputs(cache_dir="cache_changed")
+    assert changed != intact and node.fingerprint_inputs(cache_dir="cache_changed") == changed

@@ -139,3 +139,23 @@ def test_an_unwritable_cache_dir_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(PermissionError, match=str(blocker / "cache")):
         encode_dataset(_dataset(tmp_path / "data"), ToyEncoders(), blocker / "cache", SETTINGS)
+
+
+def test_changed_files_names_what_changed_on_disk_since_encoding(tmp_path):
+    data = encode_dataset(_dataset(tmp_path / "data"), ToyEncoders(), tmp_path / "cache", SETTINGS)
+    assert data.changed_files() == []
+    latent, text = data.samples[0].latent, data.samples[1].texts[0]
+    latent.write_bytes(latent.read_bytes()[:50])
+    text.unlink()
+    assert sorted(data.changed_files()) == sorted([latent, text])
+
+
+def test_killed_writes_are_swept_when_the_cache_is_opened(tmp_path):
+    encode_dataset(_dataset(tmp_path / "data"), ToyEncoders(), tmp_path / "cache", SETTINGS)
+    entry = next((tmp_path / "cache" / "latents").rglob("*.safetensors"))
+    left = entry.with_name(f".{entry.name}.0123abcd.tmp")
+    left.write_bytes(b"half a file")
+    unrelated = entry.with_name("notes.tmp")
+    unrelated.write_text("not ours")
+    encode_dataset(_dataset(tmp_path / "data"), ToyEncoders(), tmp_path / "cache", SETTINGS)
+    assert not left.exists() and unrelated.exists()

@@ -14,6 +14,7 @@ from training.dataset import (
     Problem,
     Sample,
     ScanReport,
+    folder_fingerprint,
     load_image,
     scan_folder,
     tag_frequency,
@@ -445,3 +446,24 @@ def test_tag_frequency_in_kohya_shape():
         "data": {"a photo of a dog": 1},
     }
     assert tag_frequency([]) == {}
+
+
+def test_a_caption_without_an_image_is_reported(tmp_path):
+    make_pair(tmp_path, "a")
+    (tmp_path / "b.txt").write_text("its image is a .heic the scan does not read")
+    with pytest.raises(DatasetError, match=r"b\.txt: caption without an image"):
+        scan_folder(tmp_path)
+    report = scan_folder(tmp_path, strict=False)
+    assert [s.image.name for s in report.samples] == ["a.png"] and "b.txt: caption without an image" in report.text()
+
+
+def test_the_folder_fingerprint_follows_names_sizes_and_times(tmp_path):
+    make_pair(tmp_path, "a")
+    first = folder_fingerprint(tmp_path)
+    assert folder_fingerprint(tmp_path) == first
+    make_pair(tmp_path / "sub", "b")
+    added = folder_fingerprint(tmp_path)
+    (tmp_path / "a.txt").write_text("a dog, now", encoding="utf-8")
+    recaptioned = folder_fingerprint(tmp_path)
+    (tmp_path / "sub" / "b.png").rename(tmp_path / "sub" / "c.png")
+    assert len({first, added, recaptioned, folder_fingerprint(tmp_path)}) == 4

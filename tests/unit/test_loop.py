@@ -135,6 +135,9 @@ def test_config_errors_name_the_option():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="Unknown training settings \\['stepz'\\]"):
         TrainConfig.from_dict({"stepz": 3})
+    for bad in (float("nan"), float("inf")):  # NaN passes every range check; it must not pass this one
+        with pytest.raises(ValueError, match="learning_rate must be a finite number"):
+            TrainConfig(learning_rate=bad)
 
 
 class HostInterrupt(Exception):
