@@ -9,6 +9,7 @@ prints its figures (names tried / files outside; moments cancelled / LoRAs kept;
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import uuid
@@ -292,6 +293,7 @@ def test_kill_9_during_writes_leaves_no_corrupt_file_and_restart_cleans_up(rig: 
     assert status == "success", error
     log = rig.new_log()
     assert "is damaged; encoding it again" in log and "resumed from step 2" in log, log[-3000:]
+    assert re.search(r"encoded_images=1, encoded_texts=0, reused=[1-9]\d*, rebuilt_corrupt=1", log), log[-3000:]
     status, error = rig.run(_graph("kill/cache", cache="rel_cache_kill"))
     assert status == "success", error
     assert _temp_files(rig.output / "rel_cache_kill") == []
