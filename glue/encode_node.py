@@ -9,7 +9,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..training.cache import CacheSettings, EncodedDataset, encode_dataset, file_state
+from ..training.cache import CacheSettings, EncodedDataset, encode_dataset
+from ..training.files import changed
 from .bridge import ComfyEncoders
 from .dataset_nodes import CATEGORY, DATASET, LoraDataset
 from .inputs import errors_named
@@ -66,7 +67,7 @@ class EncodeLatentsCache(io.ComfyNode):
             folder = resolve_cache_dir(cache_dir)
         except ValueError:
             return cache_dir  # execute reports it
-        if any(file_state(path) != state for path, state in _verified.get(folder, {}).items()):
+        if changed(_verified.get(folder, {})):
             del _verified[folder]
             _generation[folder] = _generation.get(folder, 0) + 1
         return f"{folder}#{_generation.get(folder, 0)}"

@@ -39,14 +39,19 @@ def within(directory: str, target: str) -> bool:
         return False
 
 
+def has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (newline, tab, NUL, ...)."""
+    return any(unicodedata.category(c) == "Cc" for c in text)
+
+
 def problem_with(part: str) -> str | None:
     """Why ``part`` cannot be a file or folder name on the systems ComfyUI runs on (None: it can)."""
     if part == "..":
         return "'..' leads out of the folder"
-    if any(unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in part):
+    if has_control(part) or BIDI_CONTROLS & set(part):  # written names: also no text-reversing characters
         return "has a control character (newline, tab, NUL, ...)"
-    if FORBIDDEN.search(part):
-        return f"has {FORBIDDEN.search(part).group()!r}, which Windows does not allow in names"
+    if forbidden := FORBIDDEN.search(part):
+        return f"has {forbidden.group()!r}, which Windows does not allow in names"
     if WINDOWS_RESERVED.fullmatch(part):
         return f"{part!r} is a reserved device name on Windows"
     if part.endswith((".", " ")):
@@ -96,7 +101,7 @@ def readable(root: str, name: str, *, what: str) -> str:
     cleaned = name.strip().strip('"')
     if not cleaned:
         raise ValueError(f"{what} is empty; give the path of a folder")
-    if any(unicodedata.category(c) == "Cc" for c in cleaned):
+    if has_control(cleaned):
         raise ValueError(f"{what} {name!r} has a control character (newline, tab, NUL, ...); give the path of a "
                          "folder")
     cleaned = os.path.expanduser(cleaned)

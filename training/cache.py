@@ -32,7 +32,7 @@ from .batching import Batch, stack_conditioning
 from .buckets import image_to_tensor, make_buckets, nearest_bucket, resize_and_crop
 from .captions import CaptionPolicy
 from .dataset import Sample, load_image
-from .files import atomic_path, remove_temp_files, temp_name
+from .files import atomic_path, changed, file_state, remove_temp_files, temp_name
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "1"
@@ -106,7 +106,7 @@ class EncodedDataset:
 
     def changed_files(self) -> list[Path]:
         """Cache files changed or removed on disk since they were verified (cheap: no file is read)."""
-        return [path for path, state in self.files.items() if file_state(path) != state]
+        return changed(self.files)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -219,15 +219,6 @@ class _Cache:
         with atomic_path(path, durable=False) as temp:  # a damaged entry is found by its hash and made again
             save_file(tensors, temp, metadata={"sha256": _digest(tensors)})
         return path
-
-
-def file_state(path: Path) -> tuple[int, int] | None:
-    """(size, modification time in ns) of ``path``; None if it is gone."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
 
 
 def _digest(tensors: Mapping[str, torch.Tensor]) -> str:

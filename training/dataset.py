@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .files import file_state
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -316,11 +318,9 @@ def folder_fingerprint(folder: str | Path) -> str:
         folders.sort()
         for name in sorted(files):
             path = os.path.join(parent, name)
-            try:
-                stat = os.stat(path)
-            except OSError:  # vanished, or a broken link
-                continue
-            digest.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            state = file_state(path)
+            if state is not None:  # not vanished meanwhile, nor a broken link
+                digest.update(f"{os.path.relpath(path, root)}\0{state[0]}\0{state[1]}\n".encode())
     return digest.hexdigest()
 
 

@@ -7,13 +7,28 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 
 def temp_name(name: str, token: str = "0" * 8) -> str:
     """The hidden name a file called ``name`` is written under before it is renamed into place."""
     return f".{name}.{token}.tmp"
+
+
+def file_state(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(size, modification time in ns) of ``path``, which change when the file is rewritten; None if it is gone
+    (or a broken link). Cheap: the file is not read."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def changed(states: Mapping[Path, tuple[int, int] | None]) -> list[Path]:
+    """The paths whose ``file_state`` differs now from the one recorded in ``states``."""
+    return [path for path, state in states.items() if file_state(path) != state]
 
 
 TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")

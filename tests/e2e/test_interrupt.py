@@ -34,6 +34,22 @@ def _training_graph() -> dict:
     }
 
 
+def _generation_graph(lora_name: str, prefix: str) -> dict:
+    """One image from the tiny checkpoint through the stock LoraLoader with ``lora_name`` (model strength 1)."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_CKPT_NAME}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "strength_model": 1.0,
+                                                     "strength_clip": 0.0, "lora_name": lora_name}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "zkx"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["2", 0], "seed": 0, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
+
+
 def _history(url: str, prompt_id: str, timeout_s: float = 300) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -86,19 +102,7 @@ def test_interrupt_during_training_saves_a_loadable_partial_lora(comfy_server, c
     assert partial.is_file()
     listed = requests.get(f"{comfy_server.url}/object_info/LoraLoader", timeout=30).json()
     assert "e2e/interrupted_partial.safetensors" in json.dumps(listed)
-    check = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_CKPT_NAME}},
-        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "strength_model": 1.0,
-                                                     "strength_clip": 0.0,
-                                                     "lora_name": "e2e/interrupted_partial.safetensors"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "zkx"}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["2", 0], "seed": 0, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
-            "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "e2e/after_interrupt"}},
-    }
+    check = _generation_graph("e2e/interrupted_partial.safetensors", "e2e/after_interrupt")
     body = requests.post(f"{comfy_server.url}/prompt", json={"prompt": check}, timeout=30).json()
     assert not body.get("node_errors"), body
     assert _history(comfy_server.url, body["prompt_id"])["status"]["status_str"] == "success"

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from scripts import comfy_host
 from scripts.make_demo_assets import make_demo_dataset
 from tests.conftest import TINY_CKPT_NAME
+from tests.e2e.test_interrupt import _generation_graph, _training_graph
 
 TIMEOUT_S = 180.0
 
@@ -92,46 +93,24 @@ class Rig:
     def loads_every_key(self, lora_name: str) -> bool:
         """Whether the stock LoraLoader applies every tensor of ``lora_name`` (a prompt that must succeed)."""
         self.new_log()
-        status, error = self.run(_generate(lora_name))
+        status, error = self.run(_generation_graph(lora_name, "reliability/check"))
         assert status == "success", error
         return "lora key not loaded" not in self.new_log()
 
 
 def _graph(name: str, *, steps: int = 6, save: str | None = None, cache: str = "rel_cache", folder: str = "rel_rings",
            checkpoint_every: int = 0, resume: bool = False, pause_node: bool = False, seed: int = 0) -> dict:
-    graph = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_CKPT_NAME}},
-        "2": {"class_type": "LoraTrainerLoadDataset", "inputs": {
-            "folder": folder, "resolution": 128, "bucket_multiple": 64, "strict": True, "edit_pairs": False,
-            "random_crop": False, "flip": False}},
-        "3": {"class_type": "LoraTrainerEncodeLatentsCache", "inputs": {
-            "dataset": ["2", 0], "vae": ["1", 2], "clip": ["1", 1], "cache_dir": cache}},
-        "4": {"class_type": "LoraTrainerTrain", "inputs": {
-            "model": ["1", 0], "encoded": ["3", 0], "steps": steps, "learning_rate": 1e-3, "rank": 2, "alpha": 0.0,
-            "targets": "attention", "objective": "auto", "batch_size": 1, "seed": seed, "name": name,
-            "checkpoint_every": checkpoint_every, "resume": resume}},
-        "5": {"class_type": "LoraTrainerSave", "inputs": {
-            "lora": ["6", 0] if pause_node else ["4", 0], "name": save or name, "format": "auto",
-            "precision": "fp32"}},
-    }
+    """test_interrupt's training graph, smaller (rank 2, 3 images), on this rig's folders."""
+    graph = _training_graph()
+    graph["2"]["inputs"]["folder"] = folder
+    graph["3"]["inputs"]["cache_dir"] = cache
+    graph["4"]["inputs"].update(steps=steps, rank=2, seed=seed, name=name, checkpoint_every=checkpoint_every,
+                                resume=resume)
+    graph["5"]["inputs"]["name"] = save or name
     if pause_node:
         graph["6"] = {"class_type": "PauseHere", "inputs": {"lora": ["4", 0]}}
+        graph["5"]["inputs"]["lora"] = ["6", 0]
     return graph
-
-
-def _generate(lora_name: str) -> dict:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_CKPT_NAME}},
-        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "strength_model": 1.0,
-                                                     "strength_clip": 0.0, "lora_name": lora_name}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "zkx"}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["2", 0], "seed": 0, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
-            "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "reliability/check"}},
-    }
 
 
 def _steps_of(path: Path) -> int:
