@@ -9,9 +9,10 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import comfy.model_management as mm
+import comfy.ops
 import comfy.utils
 import torch
 import torch.overrides
@@ -21,6 +22,7 @@ from comfy_execution.utils import get_executing_context
 from ..training.batching import Batch, TrainData
 from ..training.denoiser import NoiseSchedule
 from ..training.loop import StepInfo
+from ..training.memory import WeightOf
 from .families import Family, family_of, prediction_of
 
 log = logging.getLogger(__name__)
@@ -36,9 +38,12 @@ class ComfyDenoiser:
     Qwen-Image-Edit's reference latents. SDXL's size conditioning is the bucket's pixel size, uncropped,
     as when sampling at that size."""
 
-    def __init__(self, model, guidance: float | None = None, family: Family | None = None):
+    def __init__(self, model, guidance: float | None = None, family: Family | None = None,
+                 budget: int | None = None):
+        self.patcher, self.budget = model, budget  # budget: device bytes for weights + step (None: what is free)
         self.base = model.model
         self.module = self.base.diffusion_model
+        self.device = model.load_device
         self.sampling = model.get_model_object("model_sampling")  # with ModelSampling* nodes' patches
         self.prediction = prediction_of(model)
         self.guidance = guidance  # FLUX-dev's guidance embedding while training (None: ComfyUI's default)
@@ -89,6 +94,19 @@ class ComfyDenoiser:
         conds = self.base.extra_conds(**params)
         return {name: _to(c.process_cond(batch_size=noisy.shape[0], device=noisy.device, area=None).cond,
                           self.dtype, noisy.device) for name, c in conds.items()}
+
+    def memory_free(self) -> int | None:
+        """Device bytes the training step may use: the budget less the weights ComfyUI keeps on the device, or
+        without one what the device has free. None on the CPU without a budget (nothing to fit)."""
+        if self.budget is not None:
+            return self.budget - self.patcher.loaded_size()
+        return None if self.device.type == "cpu" else mm.get_free_memory(self.device)
+
+    def offload(self, nbytes: int) -> int:
+        """Move at least ``nbytes`` of frozen weights to CPU memory with ComfyUI's own partial unloading; those
+        layers then fetch their weights per call (streamed ahead on ComfyUI's offload streams), and training
+        fetches them again for the backward pass (``frozen_layers``). Returns the bytes moved."""
+        return self.patcher.partially_unload(self.patcher.offload_device, nbytes)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations during the backward pass instead of keeping them. The blocks are
@@ -216,6 +234,37 @@ def fingerprint(*modules: torch.nn.Module, extra: str = "") -> str:
     return h.hexdigest()[:24]
 
 
+def frozen_layers(module: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, WeightOf, Callable[[], bool]]]:
+    """ComfyUI's Linear and Conv2d layers of ``module`` as ``training.memory.remade_weights`` takes them: the
+    weight comes from ComfyUI's own ``cast_bias_weight`` (fp8 upcast, scaled-fp8 and quantised formats
+    dequantised, an offloaded weight fetched from CPU memory, LoRA patches from LoraLoader applied), while
+    the layer casts at all. Weights stored in a form that cannot be cast are refused by layer name."""
+    for name, layer in module.named_modules():
+        if not isinstance(layer, comfy.ops.CastWeightBiasOp) or not isinstance(layer, torch.nn.Linear
+                                                                                   | torch.nn.Conv2d):
+            continue
+        weight = layer.weight
+        if weight is not None and not (weight.is_floating_point() or type(weight).__name__ == "QuantizedTensor"):
+            raise TypeError(f"layer {name} stores its weight as {type(weight).__name__} of {weight.dtype}, which "
+                            "training cannot compute gradients through; load the model with ComfyUI's own loader "
+                            "(Load Diffusion Model or Load Checkpoint) as bf16, fp16 or fp8 instead")
+        yield layer, functools.partial(_cast_weight, layer), functools.partial(_casts, layer)
+
+
+def _casts(layer: torch.nn.Module) -> bool:
+    """Whether ComfyUI makes this layer's weight per call (manual cast, offloaded, patched)."""
+    return bool(layer.comfy_cast_weights or layer.weight_function or layer.bias_function or hasattr(layer, "_v"))
+
+
+@contextlib.contextmanager
+def _cast_weight(layer: torch.nn.Module, like: torch.Tensor) -> Iterator[torch.Tensor]:
+    weight, bias, stream = comfy.ops.cast_bias_weight(layer, like, offloadable=True)
+    try:
+        yield weight
+    finally:
+        comfy.ops.uncast_bias_weight(layer, weight, bias, stream)
+
+
 def unload(*patchers) -> None:
     loaded = mm.current_loaded_models
     for i in reversed(range(len(loaded))):
@@ -225,10 +274,13 @@ def unload(*patchers) -> None:
     mm.soft_empty_cache()
 
 
-def load_for_training(model) -> None:
-    """Load the MODEL onto the compute device the way ComfyUI does for sampling, fully (no offload), with
-    weights that autograd may use."""
-    mm.load_models_gpu([model], force_full_load=True)
+def load_for_training(model, budget: int | None = None) -> None:
+    """Load the MODEL onto the compute device the way ComfyUI does for sampling, with weights that autograd may
+    use. ComfyUI loads what fits the free memory (or ``budget`` bytes); what it leaves in CPU memory is cast per
+    call. The training loop then fits its step (ComfyDenoiser.memory_free/offload)."""
+    mm.load_models_gpu([model])
+    if budget is not None and model.loaded_size() > budget:
+        model.partially_unload(model.offload_device, model.loaded_size() - budget)
     leave_inference_mode(model.model.diffusion_model)
 
 

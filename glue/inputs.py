@@ -17,7 +17,7 @@ def finite(what: str, value: float) -> float:
     return value
 
 
-PLAIN_ERRORS = (FileNotFoundError, PermissionError, OSError, ValueError, RuntimeError)
+PLAIN_ERRORS = (FileNotFoundError, PermissionError, OSError, ValueError, TypeError, RuntimeError)
 
 
 @contextlib.contextmanager

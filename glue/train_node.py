@@ -13,10 +13,12 @@ from ..training.checkpoint import list_checkpoints
 from ..training.config import TrainConfig
 from ..training.dataset import tag_frequency
 from ..training.loop import TrainingFailed, TrainResult, train
+from ..training.memory import remade_weights
 from .bridge import (
     ComfyDenoiser,
     LatentsIn,
     Progress,
+    frozen_layers,
     interrupt_now,
     load_for_training,
     pixels_per_latent,
@@ -50,7 +52,7 @@ def _config_input(name: str) -> io.Input:
 REQUIRED = ("model", "encoded", "steps", "learning_rate", "rank", "alpha", "targets", "objective", "batch_size",
             "seed", "name")
 OPTIONAL = ("lr_schedule", "warmup_steps", "grad_accum", "timestep_sampling", "min_snr_gamma", "noise_offset",
-            "precision", "flux_guidance", "gradient_checkpointing", "checkpoint_every", "resume")
+            "precision", "flux_guidance", "gradient_checkpointing", "memory_budget_gb", "checkpoint_every", "resume")
 # The node's own inputs; every other input is a TrainConfig setting of the same name (one definition).
 NODE_INPUTS = {
     "model": io.Model.Input("model", tooltip="The model to train on, e.g. from Load Checkpoint."),
@@ -63,6 +65,11 @@ NODE_INPUTS = {
     "flux_guidance": io.Float.Input("flux_guidance", default=1.0, min=0.0, max=100.0, step=0.1, optional=True,
                                     tooltip="FLUX.1-dev only: the guidance embedding while training (1.0 as kohya "
                                     "and ai-toolkit; sample with FluxGuidance as usual)."),
+    "memory_budget_gb": io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True,
+                                       tooltip="GPU memory training may use for weights and the step, in GiB; 0: "
+                                       "what the GPU has free. Before the first step, what does not fit turns on "
+                                       "gradient checkpointing (when auto), then keeps frozen weights in CPU "
+                                       "memory, streamed to the GPU layer by layer."),
     "resume": io.Boolean.Input("resume", default=False, optional=True,
                                tooltip="Continue from this run name's newest checkpoint."),
 }
@@ -82,12 +89,14 @@ class TrainLora(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, encoded, targets, name, flux_guidance=1.0, resume=False, **settings) -> io.NodeOutput:
+    def execute(cls, model, encoded, targets, name, flux_guidance=1.0, resume=False, memory_budget_gb=0.0,
+                **settings) -> io.NodeOutput:
         with errors_named("Train LoRA"):
-            return train_lora(model, encoded, targets, name, flux_guidance, resume, settings)
+            budget = int(finite("Train LoRA: memory_budget_gb", memory_budget_gb) * 2**30) or None
+            return train_lora(model, encoded, targets, name, flux_guidance, resume, settings, budget)
 
 
-def train_lora(model, encoded, targets, name, flux_guidance, resume, settings) -> io.NodeOutput:
+def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, budget=None) -> io.NodeOutput:
     kept_name = f"{name}_partial"
     for checked in (name, kept_name):  # bad names fail now, not after the training
         loras_path(checked, "Train LoRA: name")
@@ -99,7 +108,7 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings) -
     _check_cache(encoded)
     flux_guidance = finite("Train LoRA: flux_guidance", flux_guidance)
     denoiser = ComfyDenoiser(model, guidance=family.guidance if family.guidance is None else flux_guidance,
-                             family=family)
+                             family=family, budget=budget)
     config = TrainConfig(**settings, targets=family.targets(targets),
                          log_every=max(1, min(10, settings["steps"] // 20)),
                          checkpoint_dir=checkpoint_dir if settings.get("checkpoint_every") else None)
@@ -110,7 +119,7 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings) -
                                     "turn resume off or set checkpoint_every on the first run")
         resume_from = checkpoint_dir
     progress = Progress(config.steps)
-    load_for_training(model)
+    load_for_training(model, budget)
     data = LatentsIn(encoded.data, model)
 
     def kept(result: TrainResult) -> TrainedLora:
@@ -123,7 +132,8 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings) -
             lora.kept = write_lora(lora, kept_name, what="Train LoRA: name")
         return lora
 
-    with torch.inference_mode(False), torch.enable_grad(), training_mode():
+    with torch.inference_mode(False), torch.enable_grad(), training_mode(), \
+            remade_weights(frozen_layers(denoiser.module)):
         try:
             result = train(config, denoiser, data, on_step=progress.on_step, should_stop=progress.should_stop,
                            resume_from=resume_from, interrupts=(mm.InterruptProcessingException,))

@@ -90,8 +90,11 @@ FLUX_FULL_WIDTH = replace(TINY["FLUX.1-dev"], widths={"num_heads": 24},
                                 for key, shape in TINY["FLUX.1-dev"].keys.items()})
 
 
-def tiny_model(family: str | Tiny, seed: int = 0):
-    """A ComfyUI MODEL of ``family`` (a TINY key, or a spec) with random weights; ComfyUI must be importable."""
+def tiny_model(family: str | Tiny, seed: int = 0, dtype=None, compute_dtype=None):
+    """A ComfyUI MODEL of ``family`` (a TINY key, or a spec) with random weights; ComfyUI must be importable.
+    ``dtype``: the weights' storage (default fp32), as a file loaded with ComfyUI's weight_dtype would give it;
+    ``compute_dtype``: ComfyUI's manual cast for storage it does not compute in (fp8 -> fp32 by default).
+    The values are the fp32 model's, rounded to the storage."""
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -99,7 +102,8 @@ def tiny_model(family: str | Tiny, seed: int = 0):
 
     spec = TINY[family] if isinstance(family, str) else family
     config = _family_config(spec)
-    config.set_inference_dtype(torch.float32, None)
+    dtype = dtype or torch.float32
+    config.set_inference_dtype(dtype, None if dtype == torch.float32 else compute_dtype or torch.float32)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if spec.model_type is not None:  # what SD20.get_model builds when its v-prediction test says so
@@ -107,7 +111,8 @@ def tiny_model(family: str | Tiny, seed: int = 0):
         else:
             base = config.get_model({})
         _randomize(base.diffusion_model)
-    base.diffusion_model.to(torch.float32)
+    if dtype == torch.float32:
+        base.diffusion_model.to(torch.float32)
     patcher = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)  # as the loaders
     return patcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
@@ -215,18 +220,25 @@ def _layout(spec: Tiny) -> dict:
 def _randomize(module) -> None:
     """ComfyUI's ops leave weights uninitialised (checkpoints overwrite them): give layers torch's default
     init, norms ones and zeros, and every other tensor (embeddings, modulation tables) small random values.
-    Output layers that real models zero-initialise get random values too, so every LoRA shows."""
+    Output layers that real models zero-initialise get random values too, so every LoRA shows. Values are
+    drawn in fp32 and rounded to each tensor's storage (torch cannot draw fp8)."""
     import torch
 
     with torch.no_grad():
         for tensor in module.state_dict(keep_vars=True).values():
             if tensor.is_floating_point():
-                tensor.copy_(torch.randn_like(tensor) * 0.02)
+                tensor.copy_(torch.randn(tensor.shape) * 0.02)
         for sub in module.modules():
             base = next((c for c in type(sub).__mro__ if c.__module__.startswith("torch.nn")
                          and "reset_parameters" in vars(c)), None)
             if base is not None:
+                params = [p for p in sub.parameters(recurse=False) if p.is_floating_point()]
+                stored = [p.data for p in params]
+                for p in params:
+                    p.data = p.data.float()
                 base.reset_parameters(sub)
+                for p, data in zip(params, stored):
+                    p.data = data.copy_(p.data)
             elif "norm" in type(sub).__name__.lower():
                 for name, param in sub.named_parameters(recurse=False):
                     param.fill_(1.0 if name in ("weight", "scale", "gamma") else 0.0)

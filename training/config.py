@@ -26,7 +26,7 @@ def precision_of(dtype: torch.dtype) -> str:
 # steps already taken (e.g. "train 500 more steps").
 RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "log_every",
                                "gradient_checkpointing"})
-CHECKPOINTING = ("auto", "off", "on")  # auto: off until a step runs out of memory, then on
+CHECKPOINTING = ("auto", "off", "on")  # auto: on when the step would not fit, or after running out of memory
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,9 @@ class TrainConfig:
     precision: str = _option("auto", "Forward-pass precision; auto = the model's. Adapters are always fp32.",
                              choices=("auto", *PRECISIONS))
     gradient_checkpointing: str = _option(  # True/False are read as on/off
-        "auto", "Trade compute for memory by recomputing activations in the backward pass. auto: off, and turned "
-        "on if a step runs out of GPU memory.", choices=CHECKPOINTING)
+        "auto", "Trade compute for memory by recomputing activations in the backward pass. auto: on when a step "
+        "would not fit the GPU memory (measured before the first step), or if a step runs out of memory.",
+        choices=CHECKPOINTING)
     # reporting and safety
     log_every: int = _option(10, "Steps between loss reports (one host-device sync each) and NaN checks.", min=1)
     checkpoint_every: int = _option(0, "Save a resumable checkpoint every N steps (0: never).", min=0,

@@ -32,7 +32,8 @@ class Denoiser(Protocol):
     flow models (x_σ = (1-σ)·x0 + σ·ε). ``cond`` holds the batched conditioning (``context`` [B, L, D], and
     what the model's text encoders and edit pairs add). Adapters may also offer ``schedule`` (a NoiseSchedule;
     without it, the defaults above), ``dtype`` (what the forward pass computes in; without it, the weights'
-    dtype) and ``set_gradient_checkpointing(bool)``.
+    dtype), ``device`` (where it computes; without it, the first weight's device) and
+    ``set_gradient_checkpointing(bool)``.
     """
 
     @property

@@ -23,6 +23,7 @@ from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .config import DTYPES, TrainConfig
 from .denoiser import Denoiser, NoiseSchedule
 from .lora import LoraAttachment, LoraTensors
+from .memory import saved_bytes
 from .objectives import DDPMObjective, FlowObjective, make_objective, weighted_mse
 from .optim import make_optimizer, make_schedule
 
@@ -100,6 +101,12 @@ class BatchStream:
             self._plans = {epoch: plan_batches(self.data.sizes, self.batch_size, self.seed, epoch)}
         return self._plans[epoch][index]
 
+    def largest(self) -> Batch:
+        """A batch of the run's largest bucket (the most memory a step needs)."""
+        area = [h * w for h, w in self.data.sizes]
+        index = area.index(max(area))
+        return self.data.collate([index] * self.batch_size, random.Random(self.seed)).to(self.device, self.dtype)
+
     def _load(self, position: int) -> Batch:
         rng = random.Random(f"{self.seed}:{position}")
         return self.data.collate(self.indices(position), rng).to(self.device, self.dtype)
@@ -138,7 +145,7 @@ def train(
     """
     module = denoiser.module
     weight = next(module.parameters())
-    device = weight.device
+    device = getattr(denoiser, "device", weight.device)  # where it computes (some weights may be offloaded)
     schedule = getattr(denoiser, "schedule", NoiseSchedule())
     config = config.for_model(denoiser.prediction, schedule, getattr(denoiser, "dtype", weight.dtype))
     objective = objective_for(config, schedule)
@@ -147,7 +154,8 @@ def train(
     with torch.random.fork_rng(devices=devices):  # the host's global RNG is left as it was
         torch.manual_seed(config.seed)  # LoRA init and dropout follow the seed
         attachment = LoraAttachment(module, config.targets, rank=config.rank, alpha=config.lora_alpha,
-                                    dropout=config.lora_dropout, init=config.lora_init, initial=initial_lora)
+                                    dropout=config.lora_dropout, init=config.lora_init, initial=initial_lora,
+                                    device=device)
         stream = BatchStream(data, config.batch_size, config.seed, device, dtype=None)
         try:
             return _run(config, denoiser, objective, attachment, stream, device, on_step, should_stop,
@@ -179,8 +187,7 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
         _set_rng(state.rng, device)
         step, position, smoothed = state.step, state.position, state.smoothed_loss
         log.info("resumed from step %d (%s)", step, resume_from)
-    checkpointing = config.gradient_checkpointing == "on"
-    _set_gradient_checkpointing(denoiser, checkpointing)
+    checkpointing = _fit_memory(config, denoiser, objective, stream, position, params)
     module = denoiser.module
     module.train()
 
@@ -273,20 +280,63 @@ def _accumulate_gradients(config: TrainConfig, denoiser: Denoiser, objective: DD
                           stream: BatchStream, position: int, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
     """Forward + backward of ``grad_accum`` micro-batches from ``position`` on; returns their summed loss."""
     total = 0.0
-    device = stream.device
-    autocast_dtype = None if config.precision == "fp32" else DTYPES[config.precision]
     for micro in range(position, position + config.grad_accum):
-        batch = stream.get(micro)
-        generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + micro)
-        x0 = batch.latents.float()
-        noise = objective.sample_noise(x0, generator)
-        noised = objective.make(x0, noise, objective.sample_timesteps(x0, generator))
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            pred = denoiser(noised.noisy, noised.timestep, batch.cond)
-        loss = weighted_mse(pred, noised) / config.grad_accum
+        loss = _loss(config, denoiser, objective, stream.get(micro), micro) / config.grad_accum
         (scaler.scale(loss) if scaler else loss).backward()
         total = total + loss.detach()
     return total
+
+
+def _loss(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective, batch: Batch,
+          micro: int) -> torch.Tensor:
+    """The weighted denoising loss of micro-batch number ``micro`` (its noise and timesteps follow the seed)."""
+    device = batch.latents.device
+    autocast_dtype = None if config.precision == "fp32" else DTYPES[config.precision]
+    generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + micro)
+    x0 = batch.latents.float()
+    noise = objective.sample_noise(x0, generator)
+    noised = objective.make(x0, noise, objective.sample_timesteps(x0, generator))
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        pred = denoiser(noised.noisy, noised.timestep, batch.cond)
+    return weighted_mse(pred, noised)
+
+
+def _fit_memory(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
+                stream: BatchStream, position: int, params: Sequence[torch.nn.Parameter]) -> bool:
+    """Make the step fit the device memory the denoiser has left (``memory_free()``; nothing to do where it
+    states none), before the first step; returns whether gradient checkpointing is on.
+
+    What a step keeps for its backward pass is measured on the largest bucket (``saved_bytes``, a forward pass
+    that keeps nothing), beside the adapter's training state (weights, gradients, two AdamW moments, fp32). If
+    it does not fit: gradient checkpointing (when ``auto``), measured again; then, if the denoiser can
+    ``offload(bytes)``, frozen weights leave the device until it fits. An eighth is added for the step's
+    transient memory (a layer's cast weight, attention scratch)."""
+    checkpointing = config.gradient_checkpointing == "on"
+    _set_gradient_checkpointing(denoiser, checkpointing)
+    free = denoiser.memory_free() if hasattr(denoiser, "memory_free") else None
+    if free is None:
+        return checkpointing
+    free -= 4 * sum(p.numel() * p.element_size() for p in params)
+    batch = stream.largest()
+    resident = list(denoiser.module.parameters())
+
+    device = stream.device
+
+    def needs() -> int:
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):  # dropout draws
+            return saved_bytes(lambda: _loss(config, denoiser, objective, batch, position), resident) * 9 // 8
+
+    need = needs()
+    log.info("a step keeps %.0f MiB for its backward pass; %.0f MiB free", need / 2**20, free / 2**20)
+    if need > free and config.gradient_checkpointing == "auto":
+        checkpointing = True
+        _set_gradient_checkpointing(denoiser, True)
+        need = needs()
+        log.info("gradient checkpointing on: a step keeps %.0f MiB", need / 2**20)
+    if need > free and hasattr(denoiser, "offload"):
+        moved = denoiser.offload(need - free)
+        log.info("kept %.0f MiB of frozen weights in CPU memory to fit the step", moved / 2**20)
+    return checkpointing
 
 
 def _restore(params: Sequence[torch.nn.Parameter], saved: Sequence[torch.Tensor]) -> None:

@@ -6,7 +6,8 @@ denoiser's root module, dots as in ``named_modules``) -> its down/up matrices an
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,7 @@ class LoraAttachment:
         dropout: float = 0.0,
         init: str = "kaiming",
         initial: Mapping[str, LoraTensors] | None = None,
+        device: torch.device | None = None,
     ) -> None:
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -82,11 +84,15 @@ class LoraAttachment:
             init_lora_weights=LORA_INITS[init],
         )
         try:
-            inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+            with _adapters_in_fp32(module):
+                inject_adapter_in_model(config, module, adapter_name=ADAPTER)
         except ValueError as error:
             raise ValueError(f"Could not attach LoRA to targets {targets!r}: {error}") from error
         cast_adapter_dtype(module, ADAPTER)
         self.layers = sorted({key.rsplit(".lora_", 1)[0] for key in self._state_dict()})
+        if device is not None:  # layers whose weights stay in CPU memory still train on the compute device
+            for param in self.parameters():
+                param.data = param.data.to(device)
         if initial:
             self.load(initial)
 
@@ -145,6 +151,21 @@ class LoraAttachment:
     def _state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter as peft names it: ``<module path>.lora_A.weight`` / ``.lora_B.weight`` (live tensors)."""
         return get_peft_model_state_dict(self.module, adapter_name=ADAPTER)
+
+
+@contextlib.contextmanager
+def _adapters_in_fp32(module: torch.nn.Module) -> Iterator[None]:
+    """peft makes each adapter in its base weight's dtype unless the layer states a ``compute_dtype`` (as
+    bitsandbytes' quantised layers do); stating fp32 while injecting keeps adapters on fp8-stored layers from
+    being rounded to fp8 (their initialisation too). Other dtypes end in fp32 as well (``cast_adapter_dtype``)."""
+    stated = [layer for layer in module.modules() if hasattr(layer, "weight") and not hasattr(layer, "compute_dtype")]
+    for layer in stated:
+        layer.compute_dtype = torch.float32
+    try:
+        yield
+    finally:
+        for layer in stated:
+            del layer.compute_dtype
 
 
 def _uniform_rank_alpha(layers: Mapping[str, LoraTensors]) -> tuple[int, float]:
