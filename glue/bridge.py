@@ -50,6 +50,7 @@ class ComfyDenoiser:
         # see OutOfPlaceAdds; ``family``: the caller's family_of(model), not looked up again
         self.in_place_residuals = (family or family_of(model)).in_place_residuals
         self._checkpointed: list[torch.nn.Module] = []
+        self._own_forwards: list = []
 
     @property
     def dtype(self) -> torch.dtype:
@@ -117,12 +118,15 @@ class ComfyDenoiser:
             # UNet blocks are Sequentials whose layers ComfyUI calls one by one: checkpoint those layers
             self._checkpointed = [layer for blocks in lists for block in blocks
                                   for layer in (block if isinstance(block, torch.nn.Sequential) else [block])]
+            self._own_forwards = [vars(block).get("forward") for block in self._checkpointed]  # e.g. remade_weights'
             for block in self._checkpointed:
                 forward = _out_of_place(block.forward) if self.in_place_residuals else block.forward
                 block.forward = functools.partial(torch.utils.checkpoint.checkpoint, forward, use_reentrant=False)
         elif not enabled:
-            for block in self._checkpointed:
+            for block, own in zip(self._checkpointed, self._own_forwards):
                 del block.forward
+                if own is not None:
+                    block.forward = own
             self._checkpointed = []
 
 

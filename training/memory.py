@@ -73,7 +73,7 @@ def remade_weights(layers: Iterable[tuple[torch.nn.Module, WeightOf, Callable[[]
         yield patched
     finally:
         for layer in patched:
-            del layer.forward
+            vars(layer).pop("forward", None)
 
 
 def padded_unusually(layer: torch.nn.Module) -> bool:
