@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,14 +33,16 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.workers import run_worker  # noqa: E402
+
 MIB = 2**20
-# name -> (family record, how to build it at depth d, full depth, what a depth unit is)
+# name -> (family record, full depth in units, what a unit is); spec() builds it at any depth
 MODELS = {
     "flux": ("FLUX.1-dev", 19, "1 double + 2 single blocks"),
     "qwen": ("Qwen-Image", 60, "1 block"),
     "sdxl": ("SDXL", 70 / 11, "11 transformer layers (1 per attention level)"),
 }
-CPU_DEPTHS = {"flux": (1, 2), "qwen": (1, 2), "sdxl": (1, 2)}
+CPU_DEPTHS = (1, 2)  # units, for the slope
 DENSE_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "4090": 165, "3090": 71}
 
 
@@ -195,16 +196,16 @@ def main() -> None:
     print(f"memory: {unit}\n")
     for model in args.models:
         family, full_depth, what = MODELS[model]
-        depths = ["full"] if cuda else [str(d) for d in CPU_DEPTHS[model]]
+        depths = ["full"] if cuda else [str(d) for d in CPU_DEPTHS]
         modes = ["bf16", "fp8", "fp8+ckpt"] + (["fp8+offload"] * len(args.budgets_gb) if cuda else [])
         budgets = [0.0] * 3 + (args.budgets_gb if cuda else [])
         runs = {}
         for depth in depths:
             for mode, budget in zip(modes, budgets):
                 label = mode if mode != "fp8+offload" else f"fp8+offload {budget:g} GB"
-                runs[depth, label] = run = _subprocess(f"{model} depth {depth} {label}", "--worker", model, depth,
-                                                       mode, "--px", str(args.px), "--steps", str(args.steps),
-                                                       "--budget-gb", str(budget))
+                runs[depth, label] = run = run_worker(__file__, f"{model} depth {depth} {label}", "--worker",
+                                                      model, depth, mode, "--px", str(args.px), "--steps",
+                                                      str(args.steps), "--budget-gb", str(budget))
                 memory = (f"{run['allocated_mib']:>8.0f} / {run['reserved_mib']:>8.0f}" if cuda
                           else f"{run['model_mib']:>8.0f}")
                 share = (f", {run['tflop'] / run['step_s'] / peak:.1%} of bf16 peak" if cuda and peak else "")
@@ -231,13 +232,6 @@ def _slopes(family: str, depths: list[str], runs: dict, full_depth: int, what: s
         print(f"  {mode:<9} per {what}: memory {per['model_mib']:>6.0f} MiB = weights {per['stored_mib']:>6.0f} + "
               f"saved {per['saved_mib']:>6.0f} + {per['model_mib'] - per['stored_mib'] - per['saved_mib']:>5.0f}; "
               f"full depth ({full_depth:.3g} units): {full['model_mib'] / 1024:6.1f} GiB, {full['step_s']:6.1f} s/step")
-
-
-def _subprocess(what: str, *args: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO_ROOT)
-    if done.returncode != 0:
-        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from bench.workers import run_worker  # noqa: E402
 
 KINDS = ("floor", "ours", "ours-all", "native")
 IMAGES = 4
@@ -150,28 +151,21 @@ def main() -> None:
           f"{'native/ours':>11} {'native/all':>10} | {'peak ours':>9} {'peak nat':>9} | {'data wait':>9}")
     for px in args.sizes:
         for batch in args.batches:
-            runs = {kind: _subprocess(f"{kind} at {px}px batch {batch}", "--worker", kind, "--px", str(px),
-                                      "--batch", str(batch), "--steps", str(args.steps)) for kind in KINDS}
+            runs = {kind: run_worker(__file__, f"{kind} at {px}px batch {batch}", "--worker", kind, "--px",
+                                     str(px), "--batch", str(batch), "--steps", str(args.steps)) for kind in KINDS}
             f, o, a, n = (runs[k]["step_s"] for k in KINDS)
             print(f"{px:>4} {batch:>5} | {f:>7.3f} {o:>7.3f} {a:>7.3f} {n:>7.3f} | {o / f:>10.3f} {n / o:>11.2f} "
                   f"{n / a:>10.2f} | {runs['ours']['peak_mb']:>9.0f} {runs['native']['peak_mb']:>9.0f} | "
                   f"{runs['ours']['data_wait_share']:>8.1%}", flush=True)
     px = min(args.sizes)
     with tempfile.TemporaryDirectory(prefix="bench_cache_") as cache:
-        cold, warm = (_subprocess(f"{which} prompt", "--prompt-worker", cache, "--prompt-images",
-                                  str(args.prompt_images), "--px", str(px), "--steps", str(args.steps))
+        cold, warm = (run_worker(__file__, f"{which} prompt", "--prompt-worker", cache, "--prompt-images",
+                                 str(args.prompt_images), "--px", str(px), "--steps", str(args.steps))
                       for which in ("cold", "warm"))
     print(f"\nwhole prompt, {args.prompt_images} images at {px}px, {args.steps} steps, fresh process each: "
           f"cold cache {cold['wall_s']:.1f}s ({cold['until_trained_s']:.1f}s before training), warm cache "
           f"{warm['wall_s']:.1f}s ({warm['until_trained_s']:.1f}s before training); warm/cold = "
           f"{warm['wall_s'] / cold['wall_s']:.2f}\n  cold: {cold['cache']}\n  warm: {warm['cache']}")
-
-
-def _subprocess(what: str, *args: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO_ROOT)
-    if done.returncode != 0:
-        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
