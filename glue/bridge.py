@@ -22,6 +22,7 @@ from comfy_execution.utils import get_executing_context
 from ..training.batching import Batch, TrainData
 from ..training.denoiser import NoiseSchedule
 from ..training.loop import StepInfo
+from ..training.lora import is_linear
 from ..training.memory import WeightOf
 from .families import Family, family_of, prediction_of
 
@@ -244,27 +245,39 @@ def frozen_layers(module: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, We
     dequantised, an offloaded weight fetched from CPU memory, LoRA patches from LoraLoader applied), while
     the layer casts at all. Weights stored in a form that cannot be cast are refused by layer name."""
     for name, layer in module.named_modules():
-        if not isinstance(layer, comfy.ops.CastWeightBiasOp) or not isinstance(layer, torch.nn.Linear
-                                                                                   | torch.nn.Conv2d):
+        if not isinstance(layer, comfy.ops.CastWeightBiasOp) or not (is_linear(layer)
+                                                                      or isinstance(layer, torch.nn.Conv2d)):
             continue
         weight = layer.weight
-        if weight is not None and not (weight.is_floating_point() or type(weight).__name__ == "QuantizedTensor"):
+        if weight is not None and not (weight.is_floating_point() or _quantized(weight)):
             raise TypeError(f"layer {name} stores its weight as {type(weight).__name__} of {weight.dtype}, which "
                             "training cannot compute gradients through; load the model with ComfyUI's own loader "
                             "(Load Diffusion Model or Load Checkpoint) as bf16, fp16 or fp8 instead")
         yield layer, functools.partial(_cast_weight, layer), functools.partial(_casts, layer)
 
 
+def _quantized(tensor: torch.Tensor) -> bool:
+    """ComfyUI's QuantizedTensor (0.33+: its mixed-precision layers' scaled fp8 and other quantised weights)."""
+    return type(tensor).__name__ == "QuantizedTensor"
+
+
 def _casts(layer: torch.nn.Module) -> bool:
-    """Whether ComfyUI makes this layer's weight per call (manual cast, offloaded, patched)."""
-    return bool(layer.comfy_cast_weights or layer.weight_function or layer.bias_function or hasattr(layer, "_v"))
+    """Whether ComfyUI makes this layer's weight per call (manual cast, quantised, offloaded, patched)."""
+    return bool(layer.comfy_cast_weights or layer.weight_function or layer.bias_function or hasattr(layer, "_v")
+                or _quantized(layer.weight))
 
 
 @contextlib.contextmanager
 def _cast_weight(layer: torch.nn.Module, like: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The weight the layer's forward multiplies by, in ``like``'s dtype and device. Scaled-fp8 layers of
+    0.3.75 multiply their scale in after the cast (their ``convert_weight`` does the same); a quantised layer
+    with a ``pre_quant_scale`` (AWQ) scales its input by it, which is its weight's columns scaled."""
     weight, bias, stream = comfy.ops.cast_bias_weight(layer, like, offloadable=True)
     try:
-        yield weight
+        convert = getattr(layer, "convert_weight", None)
+        made = weight if convert is None else convert(weight).to(like.dtype)
+        pre_scale = getattr(layer, "pre_quant_scale", None)
+        yield made if pre_scale is None else made * pre_scale.to(made)
     finally:
         comfy.ops.uncast_bias_weight(layer, weight, bias, stream)
 
@@ -307,11 +320,15 @@ def training_mode() -> Iterator[None]:
 def leave_inference_mode(module: torch.nn.Module) -> None:
     """ComfyUI loads weights inside ``torch.inference_mode``; autograd refuses to save such tensors for the
     backward pass. Swap each for an ordinary copy of the same values, one at a time (peak memory: one
-    tensor), so outputs stay bit-for-bit the same and later runs find nothing left to do."""
+    tensor), so outputs stay bit-for-bit the same and later runs find nothing left to do.
+
+    Quantised weights stay as they are: training only reads them (frozen_layers remakes them for the backward
+    pass), and 0.33's own loading, which runs in inference mode, cannot re-wrap one that is not an inference
+    tensor ("Cannot set version_counter"), so sampling after training would fail."""
     with torch.inference_mode(False):
         for sub in module.modules():
             for name, param in list(sub._parameters.items()):
-                if param is not None and param.is_inference():
+                if param is not None and param.is_inference() and not _quantized(param):
                     sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
             for name, buffer in list(sub._buffers.items()):
                 if buffer is not None and buffer.is_inference():

@@ -117,6 +117,40 @@ def tiny_model(family: str | Tiny, seed: int = 0, dtype=None, compute_dtype=None
     return patcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
+def scaled_fp8_file(model) -> dict:
+    """The diffusion model of ``model`` as a scaled-fp8 file holds it (the format of ComfyUI's own fp8 releases):
+    each matrix divided by a scale of its own (its largest magnitude over e4m3's 448) and rounded to fp8, the
+    scale beside it as ``<layer>.scale_weight``, and the ``scaled_fp8`` marker key."""
+    import torch
+
+    out = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, tensor in model.model.diffusion_model.state_dict().items():
+        if key.endswith(".weight") and tensor.ndim == 2:
+            scale = tensor.abs().max().float() / 448
+            out[key], out[f"{key[:-len('weight')]}scale_weight"] = (tensor / scale).to(torch.float8_e4m3fn), scale
+        else:
+            out[key] = tensor
+    return out
+
+
+def load_diffusion_file(family: str, state_dict: dict):
+    """A MODEL from a tiny diffusion-model file by ComfyUI's own loader (what Load Diffusion Model runs: format
+    detection, scaled-fp8 and quantised layers, the ops it picks). Its detection reads the sizes a file's keys
+    give; the record's widths, which a tiny file cannot show (full-size models fix them), go over them as
+    tiny_model's config does. It loads in inference mode, as ComfyUI's executor runs the loader node."""
+    from unittest import mock
+
+    import comfy.model_detection
+    import comfy.sd
+    import torch
+
+    detect = comfy.model_detection.detect_unet_config
+    with torch.inference_mode(), mock.patch.object(comfy.model_detection, "detect_unet_config",
+                                                   lambda *args, **kwargs: {**detect(*args, **kwargs),
+                                                                            **TINY[family].widths}):
+        return comfy.sd.load_diffusion_model_state_dict(state_dict)
+
+
 def unbuildable(family: str) -> str | None:
     """Why this ComfyUI cannot build ``family``'s tiny text encoder or VAE (None: it can)."""
     import torch

@@ -7,6 +7,7 @@ denoiser's root module, dots as in ``named_modules``) -> its down/up matrices an
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,11 +19,12 @@ from peft.functional import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
+from peft.tuners import lora as peft_lora
 
 ADAPTER = "default"
 # B = 0 in every case, so step 0 is the base model exactly.
 LORA_INITS = {"kaiming": True, "gaussian": "gaussian"}
-ALL_LINEAR = "all-linear"  # targets value: every nn.Linear (and subclass) in the module
+ALL_LINEAR = "all-linear"  # targets value: every Linear layer in the module (is_linear)
 
 
 @dataclass
@@ -72,7 +74,7 @@ class LoraAttachment:
             rank, alpha = _uniform_rank_alpha(initial)
             targets = sorted(initial)
         elif targets == ALL_LINEAR:
-            targets = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+            targets = [name for name, m in module.named_modules() if is_linear(m)]
         self.module, self.alpha = module, float(alpha)
         self._requires_grad = {name: p.requires_grad for name, p in module.named_parameters()}
         self._attributes = set(vars(module))  # peft notes its config on the module (peft_config)
@@ -83,8 +85,14 @@ class LoraAttachment:
             target_modules=list(targets) if not isinstance(targets, str) else targets,
             init_lora_weights=LORA_INITS[init],
         )
+        # peft wraps torch's Linear and its subclasses by itself; a Linear of another class by its Linear wrapper
+        other_linears = {type(m) for m in module.modules() if is_linear(m) and not isinstance(m, torch.nn.Linear)}
+        if other_linears:
+            config._register_custom_module(dict.fromkeys(other_linears, peft_lora.Linear))
         try:
-            with _adapters_in_fp32(module):
+            with _adapters_in_fp32(module), warnings.catch_warnings():
+                # peft warns of each such layer ("proceed at your own risk"); tests/unit/test_lora checks them
+                warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)
                 inject_adapter_in_model(config, module, adapter_name=ADAPTER)
         except ValueError as error:
             raise ValueError(f"Could not attach LoRA to targets {targets!r}: {error}") from error
@@ -151,6 +159,14 @@ class LoraAttachment:
     def _state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter as peft names it: ``<module path>.lora_A.weight`` / ``.lora_B.weight`` (live tensors)."""
         return get_peft_model_state_dict(self.module, adapter_name=ADAPTER)
+
+
+def is_linear(layer: torch.nn.Module) -> bool:
+    """torch's Linear, or a layer of another class that computes one (its in and out features and a weight):
+    ComfyUI's mixed-precision Linear, which holds quantised weights (scaled fp8 and others), is a plain
+    Module."""
+    return isinstance(layer, torch.nn.Linear) or all(hasattr(layer, name) for name in ("in_features", "out_features",
+                                                                                          "weight"))
 
 
 @contextlib.contextmanager

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .lora import is_linear
+
 # weight_of(like) -> a context manager that yields the layer's weight in like's dtype and device, and frees it after
 WeightOf = Callable[[torch.Tensor], contextlib.AbstractContextManager[torch.Tensor]]
 
@@ -66,7 +68,7 @@ def remade_weights(layers: Iterable[tuple[torch.nn.Module, WeightOf, Callable[[]
     patched = []
     try:
         for layer, weight_of, needs_cast in layers:
-            if not isinstance(layer, torch.nn.Linear | torch.nn.Conv2d) or padded_unusually(layer):
+            if not (is_linear(layer) or isinstance(layer, torch.nn.Conv2d)) or padded_unusually(layer):
                 continue
             layer.forward = remade_forward(layer, weight_of, needs_cast)
             patched.append(layer)

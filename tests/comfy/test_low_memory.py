@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from scripts.tiny_families import TINY, tiny_model
+from scripts.tiny_families import TINY, load_diffusion_file, scaled_fp8_file, tiny_model
 from tests.comfy.conftest import run_node
 from tests.comfy.test_families import _encoded, _probe_loss
 
@@ -59,6 +59,63 @@ def test_an_fp8_stored_model_trains_and_its_lora_loads_on_the_full_precision_mod
                         strength_model=1.0)
     assert _probe(pack, stock, batch, config, guidance) < 0.9 * _probe(pack, full, batch, config, guidance)
     mm.unload_all_models()
+
+
+@pytest.mark.parametrize("family", ["FLUX.1-dev", "Qwen-Image"])
+def test_a_scaled_fp8_file_loaded_by_comfyuis_loader_trains_and_its_lora_loads_on_the_full_model(comfy, pack, family):
+    """ComfyUI's fp8 releases store a scale per matrix: 0.3.75 multiplies it in after the cast, 0.33 makes the
+    layers quantised tensors (its mixed-precision ops, which are not torch Linear layers)."""
+    import comfy.model_management as mm
+
+    full = tiny_model(family)
+    stored = load_diffusion_file(family, scaled_fp8_file(full))
+    encoded = _encoded(comfy, family)
+    lora, _, report = _train(comfy, stored, encoded, f"tests/scaled_fp8_{family}", steps=50, targets="all-linear")
+    config = pack.training.config.TrainConfig.from_dict(lora.config)
+    batch = encoded.data.collate(list(range(4)), random.Random(0))
+    guidance = lora.family.guidance
+    (applied,) = run_node(comfy, "LoraTrainerApply", model=stored, lora=lora, strength=1.0)
+    before, after = _probe(pack, stored, batch, config, guidance), _probe(pack, applied, batch, config, guidance)
+    assert after < 0.9 * before, f"{family}, scaled fp8: probe loss {before:.4f} -> {after:.4f} ({report})"
+    (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name=f"tests/scaled_fp8_{family}", format="auto",
+                       precision="fp32")
+    (stock,) = run_node(comfy, "LoraLoaderModelOnly", model=full, lora_name=f"tests/scaled_fp8_{family}.safetensors",
+                        strength_model=1.0)
+    assert _probe(pack, stock, batch, config, guidance) < 0.9 * _probe(pack, full, batch, config, guidance)
+    mm.unload_all_models()
+
+
+@pytest.mark.parametrize("fp8", ["plain", "scaled"])
+def test_the_input_gradient_through_remade_fp8_weights_is_autograds(comfy, pack, fp8):
+    """What every LoRA upstream of a frozen layer learns from: ∂loss/∂input, with each casting layer's weight
+    remade in the backward pass, equals autograd's through ComfyUI's own forward (which keeps the cast weights)."""
+    bridge, memory = pack.glue.bridge, pack.training.memory
+    full = tiny_model("FLUX.1-dev")
+    model = tiny_model("FLUX.1-dev", dtype=FP8) if fp8 == "plain" else load_diffusion_file("FLUX.1-dev",
+                                                                                           scaled_fp8_file(full))
+    bridge.load_for_training(model)
+    with torch.inference_mode(False):  # quantised weights stay inference tensors, which autograd cannot save
+        for layer in model.model.diffusion_model.modules():
+            for name, param in list(layer._parameters.items()):
+                if param is not None and param.is_inference():
+                    layer._parameters[name] = torch.nn.Parameter(param.clone())
+        model.model.diffusion_model.requires_grad_(False)  # frozen, as under a LoRA
+    denoiser = bridge.ComfyDenoiser(model, guidance=3.5)
+    batch = _encoded(comfy, "FLUX.1-dev").data.collate([0, 1], random.Random(0))
+
+    def input_gradient() -> torch.Tensor:
+        latents = batch.latents.clone().requires_grad_()
+        denoiser(latents, torch.full((2,), 0.5), batch.cond).square().sum().backward()
+        return latents.grad
+
+    with torch.inference_mode(False), torch.enable_grad(), bridge.training_mode():
+        expected = input_gradient()
+        layers = list(bridge.frozen_layers(denoiser.module))
+        assert sum(needs_cast() for _, _, needs_cast in layers) > 10
+        with memory.remade_weights(layers):
+            remade = input_gradient()
+    error = ((remade - expected).norm() / expected.norm()).item()
+    assert error < 1e-5, f"{fp8} fp8: the remade input gradient is {error:.2e} off autograd's (relative norm)"
 
 
 @pytest.mark.parametrize("family", ["FLUX.1-dev", "SDXL", "Qwen-Image"])

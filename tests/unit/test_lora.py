@@ -113,3 +113,34 @@ def test_all_linear_targets_every_linear_and_nothing_else():
     model, _, _ = _model_and_inputs()
     with LoraAttachment(model, "all-linear", rank=2, alpha=2) as attachment:
         assert sorted(attachment.layers) == ["to_k", "to_q"]
+
+
+class ModuleLinear(torch.nn.Module):
+    """Stands for ComfyUI's mixed-precision Linear (quantised weights): a Linear that is no torch Linear."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)
+        self.bias = torch.nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["to_v"]])
+def test_a_linear_layer_of_another_class_is_adapted_like_torchs(targets):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("to_v", ModuleLinear(8, 4))
+    x = torch.randn(3, 8)
+    before = model(x)
+    with LoraAttachment(model, targets, rank=2, alpha=2) as attachment:
+        assert attachment.layers == ["to_v"]
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)  # B starts at zero
+        with torch.no_grad():
+            attachment.parameters()[1].fill_(0.1)  # up
+        delta = attachment.tensors()["to_v"]
+        torch.testing.assert_close(model(x), before + x @ (delta.up @ delta.down).T * delta.scale)
+    assert type(model.to_v) is ModuleLinear
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
