@@ -123,6 +123,7 @@ def worker(model: str, depth: int | None, mode: str, px: int, steps: int, budget
     with torch.inference_mode(False), torch.enable_grad(), bridge.training_mode(), \
             engine.memory.remade_weights(layers):
         engine.loop.train(config, denoiser, data, on_step=lambda info: stamps.append(time.perf_counter()))
+        probe = _activations_and_flops(engine, denoiser, data, config)
     out = {"params": params, "stored_mib": stored / MIB,
            "step_s": sorted(b - a for a, b in zip(stamps, stamps[1:]))[(len(stamps) - 1) // 2]}
     if cuda:
@@ -130,8 +131,7 @@ def worker(model: str, depth: int | None, mode: str, px: int, steps: int, budget
                 "reserved_mib": torch.cuda.max_memory_reserved() / MIB}
     else:
         out["model_mib"] = (_peak_rss() - before) / MIB
-    out |= _activations_and_flops(engine, denoiser, data, config)
-    return out
+    return out | probe
 
 
 def _fast_cpu_backward(layers):

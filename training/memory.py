@@ -41,11 +41,18 @@ class RemadeWeight(torch.autograd.Function):
             if isinstance(layer, torch.nn.Conv2d):
                 grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad, layer.stride, layer.padding,
                                                     layer.dilation, layer.groups)
-            elif weight.device.type == "cpu":  # CPU bf16 kernels are fast only for x @ Wᵀ (40x slower: grad @ W)
-                grad_x = torch.nn.functional.linear(grad, weight.t().contiguous())
+            elif weight.device.type == "cpu":
+                grad_x = _input_gradient_on_cpu(grad, weight)
             else:
                 grad_x = grad @ weight
         return grad_x.to(ctx.input_dtype), None, None, None
+
+
+def _input_gradient_on_cpu(grad: torch.Tensor, weight: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """grad @ W in the layout CPU bf16 kernels compute fast, x @ Wᵀ (grad @ W itself runs ~40x slower there),
+    with Wᵀ made a block of rows at a time: a whole copy would double the layer's weight in memory."""
+    return sum(torch.nn.functional.linear(grad[..., i:i + rows], weight[i:i + rows].t().contiguous())
+               for i in range(0, weight.shape[0], rows))
 
 
 def remade_forward(layer: torch.nn.Module, weight_of: WeightOf, needs_cast: Callable[[], bool]):

@@ -85,14 +85,22 @@ def test_a_scaled_fp8_file_loaded_by_comfyuis_loader_trains_and_its_lora_loads_o
     mm.unload_all_models()
 
 
-@pytest.mark.parametrize("fp8", ["plain", "scaled"])
+@pytest.mark.parametrize("fp8", ["plain", "scaled", "scaled, input pre-scaled"])
 def test_the_input_gradient_through_remade_fp8_weights_is_autograds(comfy, pack, fp8):
     """What every LoRA upstream of a frozen layer learns from: ∂loss/∂input, with each casting layer's weight
-    remade in the backward pass, equals autograd's through ComfyUI's own forward (which keeps the cast weights)."""
+    remade in the backward pass, equals autograd's through ComfyUI's own forward (which keeps the cast weights).
+    Pre-scaled: 0.33's quantised layers scale their input by a ``pre_quant_scale`` where the file has one (AWQ)."""
     bridge, memory = pack.glue.bridge, pack.training.memory
     full = tiny_model("FLUX.1-dev")
     model = tiny_model("FLUX.1-dev", dtype=FP8) if fp8 == "plain" else load_diffusion_file("FLUX.1-dev",
                                                                                            scaled_fp8_file(full))
+    if fp8.endswith("pre-scaled"):
+        quantised = [m for m in model.model.diffusion_model.modules()
+                     if type(getattr(m, "weight", None)).__name__ == "QuantizedTensor"]
+        if not quantised:
+            pytest.skip("this ComfyUI's scaled-fp8 layers hold plain fp8 weights and take no pre_quant_scale")
+        for layer in quantised:
+            layer.pre_quant_scale = torch.rand(layer.in_features, generator=torch.Generator().manual_seed(0)) + 0.5
     bridge.load_for_training(model)
     with torch.inference_mode(False):  # quantised weights stay inference tensors, which autograd cannot save
         for layer in model.model.diffusion_model.modules():

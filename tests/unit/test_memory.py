@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import torch
 
-from training.memory import remade_weights, saved_bytes
+from training.memory import _input_gradient_on_cpu, remade_weights, saved_bytes
 
 
 class CastLinear(torch.nn.Linear):
@@ -76,3 +76,9 @@ def test_convolutions_padded_other_than_with_zeros_keep_their_own_forward(paddin
     conv = CastConv(4, 4, 3, padding=1, padding_mode=padding_mode)
     with remade_weights([(conv, lambda like: cast_weight(conv, like), lambda: True)]) as patched:
         assert patched == []
+
+
+def test_the_cpu_input_gradient_in_blocks_of_rows_is_grad_times_weight():
+    torch.manual_seed(0)
+    grad, weight = torch.randn(2, 5, 30), torch.randn(30, 12)
+    torch.testing.assert_close(_input_gradient_on_cpu(grad, weight, rows=7), grad @ weight)
