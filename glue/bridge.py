@@ -22,8 +22,7 @@ from comfy_execution.utils import get_executing_context
 from ..training.batching import Batch, TrainData
 from ..training.denoiser import NoiseSchedule
 from ..training.loop import StepInfo
-from ..training.lora import is_linear
-from ..training.memory import WeightOf
+from ..training.memory import WeightOf, remakeable
 from .families import Family, family_of, prediction_of
 
 log = logging.getLogger(__name__)
@@ -245,8 +244,7 @@ def frozen_layers(module: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, We
     dequantised, an offloaded weight fetched from CPU memory, LoRA patches from LoraLoader applied), while
     the layer casts at all. Weights stored in a form that cannot be cast are refused by layer name."""
     for name, layer in module.named_modules():
-        if not isinstance(layer, comfy.ops.CastWeightBiasOp) or not (is_linear(layer)
-                                                                      or isinstance(layer, torch.nn.Conv2d)):
+        if not isinstance(layer, comfy.ops.CastWeightBiasOp) or not remakeable(layer):
             continue
         weight = layer.weight
         if weight is not None and not (weight.is_floating_point() or _quantized(weight)):

@@ -319,7 +319,6 @@ def _fit_memory(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjectiv
     free -= 4 * sum(p.numel() * p.element_size() for p in params)
     batch = stream.largest()
     resident = list(denoiser.module.parameters())
-
     device = stream.device
 
     def needs() -> int:

@@ -75,7 +75,7 @@ def remade_weights(layers: Iterable[tuple[torch.nn.Module, WeightOf, Callable[[]
     patched = []
     try:
         for layer, weight_of, needs_cast in layers:
-            if not (is_linear(layer) or isinstance(layer, torch.nn.Conv2d)) or padded_unusually(layer):
+            if not remakeable(layer):
                 continue
             layer.forward = remade_forward(layer, weight_of, needs_cast)
             patched.append(layer)
@@ -85,9 +85,12 @@ def remade_weights(layers: Iterable[tuple[torch.nn.Module, WeightOf, Callable[[]
             vars(layer).pop("forward", None)
 
 
-def padded_unusually(layer: torch.nn.Module) -> bool:
-    """Conv2d padding modes other than zeros, whose input gradient ``conv2d_input`` does not compute."""
-    return isinstance(layer, torch.nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str))
+def remakeable(layer: torch.nn.Module) -> bool:
+    """A Linear (``is_linear``) or a Conv2d whose input gradient ``conv2d_input`` computes (zeros padding given
+    as numbers): the layers RemadeWeight can take."""
+    if isinstance(layer, torch.nn.Conv2d):
+        return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+    return is_linear(layer)
 
 
 def saved_bytes(run: Callable[[], object], resident: Iterable[torch.Tensor] = ()) -> int:
