@@ -40,6 +40,7 @@ class StepInfo:
     lr: float
     it_per_s: float
     eta_s: float
+    logged: bool = False  # this step ended a logging interval: ``loss`` is new
 
 
 @dataclass
@@ -51,6 +52,10 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss of the interval)
     data_wait_s: float = 0.0  # time the loop waited for batches
     gradient_checkpointing: bool = False  # whether it ended up on (auto turns it on after running out of memory)
+    first_step: int = 0  # the step it started from (a resumed run's checkpoint)
+    train_s: float = 0.0  # time spent training, sampling left out
+    sample_steps: list[int] = field(default_factory=list)  # the steps ``sample`` ran after (0: before the first)
+    sampling_s: float = 0.0  # time spent in ``sample``
 
     @property
     def objective(self) -> str:
@@ -135,6 +140,8 @@ def train(
     resume_from: str | None = None,
     initial_lora: dict[str, LoraTensors] | None = None,
     interrupts: tuple[type[BaseException], ...] = (),
+    sample: Callable[[int], None] | None = None,
+    sample_every: int = 0,
 ) -> TrainResult:
     """Train a LoRA on ``denoiser`` and return it; the model is left as it came. The config's ``auto`` settings
     become the model's own (``TrainConfig.for_model``); the result holds the config as trained.
@@ -142,6 +149,10 @@ def train(
     ``should_stop`` is polled before every step; ``interrupts`` are exception types that the host may
     raise from inside a step (ComfyUI's Cancel does, from its layers): both end the run early with
     ``cancelled`` set and the adapter of the last completed step.
+
+    ``sample(step)`` runs before the first step of a fresh run, every ``sample_every`` steps and after the last, with
+    the adapter as trained so far: the model in eval mode, no gradients, and the RNG state restored afterwards (the
+    run stays as it would be without it). Its time is reported apart from the training time.
     """
     module = denoiser.module
     weight = next(module.parameters())
@@ -159,7 +170,7 @@ def train(
         stream = BatchStream(data, config.batch_size, config.seed, device, dtype=None)
         try:
             return _run(config, denoiser, objective, attachment, stream, device, on_step, should_stop,
-                        resume_from, interrupts)
+                        resume_from, interrupts, Sampling(sample, sample_every, device))
         finally:
             stream.close()
             attachment.remove()
@@ -170,7 +181,7 @@ def train(
 def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
          attachment: LoraAttachment, stream: BatchStream, device: torch.device,
          on_step: Callable[[StepInfo], None] | None, should_stop: Callable[[], bool] | None,
-         resume_from: str | None, interrupts: tuple[type[BaseException], ...]) -> TrainResult:
+         resume_from: str | None, interrupts: tuple[type[BaseException], ...], sampling: Sampling) -> TrainResult:
     params = attachment.parameters()
     optimizer = make_optimizer(config.optimizer, params, config.learning_rate, config.weight_decay)
     schedule = make_schedule(config.lr_schedule, optimizer, warmup_steps=config.warmup_steps,
@@ -191,12 +202,14 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     module = denoiser.module
     module.train()
 
-    result = TrainResult(attachment.tensors(), step, False, config)
+    result = TrainResult(attachment.tensors(), step, False, config, first_step=step)
     good = [p.detach().clone() for p in params]  # last adapter known finite, for the NaN guard
     loss_sum = torch.zeros((), device=device)
-    interval_steps, interval_start, started, first_step = 0, time.perf_counter(), time.perf_counter(), step
+    interval_steps, interval_start, started = 0, time.perf_counter(), time.perf_counter()
     it_per_s = 0.0
     try:
+        if step == 0 and sampling.due(0, config.steps):
+            interval_start += sampling(0, module, result)
         while step < config.steps:
             if should_stop is not None and should_stop():
                 result.cancelled = True
@@ -254,11 +267,18 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
                                    scaler.state_dict() if scaler else None, _get_rng(device), smoothed,
                                    config.to_dict(), config.trajectory_hash())
                 save_checkpoint(config.checkpoint_dir, attachment.tensors(), state, config.keep_checkpoints)
+            if sampling.due(step, config.steps):
+                try:
+                    interval_start += sampling(step, module, result)
+                except interrupts:
+                    result.cancelled = True
+                    break
             if on_step is not None:
                 last = result.losses[-1][1] if result.losses else None
                 eta = (config.steps - step) / it_per_s if it_per_s else math.inf
                 try:
-                    on_step(StepInfo(step, config.steps, last, smoothed, schedule.get_last_lr()[0], it_per_s, eta))
+                    on_step(StepInfo(step, config.steps, last, smoothed, schedule.get_last_lr()[0], it_per_s, eta,
+                                     logged=bool(result.losses) and result.losses[-1][0] == step))
                 except interrupts:
                     result.cancelled = True
                     break
@@ -270,10 +290,37 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     result.lora = attachment.tensors()
     result.data_wait_s = stream.wait_s
     result.gradient_checkpointing = checkpointing
-    elapsed = time.perf_counter() - started
-    log.info("trained %d steps in %.1fs; waited %.1f%% of the time for data", step - first_step, elapsed,
-             100 * stream.wait_s / max(elapsed, 1e-9))
+    result.train_s = time.perf_counter() - started - result.sampling_s
+    log.info("trained %d steps in %.1fs; waited %.1f%% of the time for data", step - result.first_step, result.train_s,
+             100 * stream.wait_s / max(result.train_s, 1e-9))
     return result
+
+
+@dataclass
+class Sampling:
+    """``train``'s ``sample`` callback and when it runs."""
+
+    sample: Callable[[int], None] | None
+    every: int
+    device: torch.device
+
+    def due(self, step: int, total: int) -> bool:
+        return self.sample is not None and (step in (0, total) or (self.every > 0 and step % self.every == 0))
+
+    def __call__(self, step: int, module: torch.nn.Module, result: TrainResult) -> float:
+        """Run the callback after ``step``; returns the seconds it took, also added to ``result.sampling_s``."""
+        started = time.perf_counter()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():  # samplers seed the global RNG
+            module.eval()
+            try:
+                self.sample(step)
+            finally:
+                module.train()
+        result.sample_steps.append(step)
+        took = time.perf_counter() - started
+        result.sampling_s += took
+        return took
 
 
 def _accumulate_gradients(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,

@@ -197,3 +197,46 @@ def test_auto_gradient_checkpointing_turns_on_only_when_a_step_runs_out_of_memor
         train(TrainConfig(steps=6, gradient_checkpointing="off", **BASE), MemoryHungry(), toy_data())  # user sees it
     assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
     assert TrainConfig(gradient_checkpointing=True).gradient_checkpointing == "on"
+
+
+def test_samples_run_before_every_n_steps_and_after_the_last_without_changing_the_run():
+    options = dict(BASE, lora_dropout=0.1)  # dropout draws from the global RNG, which samplers reseed
+    plain = train(TrainConfig(steps=12, **options), ToyDenoiser(), toy_data(5))
+    seen = []
+
+    def sample(step):
+        module = denoiser.module
+        seen.append((step, module.training, torch.is_grad_enabled()))
+        torch.manual_seed(step)  # as ComfyUI's prepare_noise does
+        torch.randn(100)
+
+    denoiser = ToyDenoiser()
+    sampled = train(TrainConfig(steps=12, **options), denoiser, toy_data(5), sample=sample, sample_every=5)
+    assert seen == [(0, False, False), (5, False, False), (10, False, False), (12, False, False)]
+    assert sampled.sample_steps == [0, 5, 10, 12]
+    assert _max_diff(sampled.lora, plain.lora) == 0.0
+    assert sampled.sampling_s > 0 and sampled.train_s > 0
+
+
+def test_sampling_time_is_left_out_of_the_training_time_and_speed():
+    import time
+
+    speeds = []
+    result = train(TrainConfig(steps=4, **{**BASE, "log_every": 1}), ToyDenoiser(), toy_data(),
+                   sample=lambda step: time.sleep(0.3), sample_every=1, on_step=lambda info: speeds.append(info))
+    assert result.sampling_s >= 5 * 0.3
+    assert result.train_s < result.sampling_s / 2  # the toy's steps take milliseconds
+    assert min(info.it_per_s for info in speeds) > 1 / 0.3  # a sleep inside the interval would cap it at 3.3 it/s
+
+
+def test_cancel_during_sampling_keeps_the_steps_trained():
+    class Interrupted(Exception):
+        pass
+
+    def sample(step):
+        if step == 4:
+            raise Interrupted()
+
+    result = train(TrainConfig(steps=10, **BASE), ToyDenoiser(), toy_data(), sample=sample, sample_every=2,
+                   interrupts=(Interrupted,))
+    assert result.cancelled and result.steps_done == 4 and result.sample_steps == [0, 2]
