@@ -1,4 +1,4 @@
-"""ComfyUI entry point: registers this pack's nodes. Nothing else happens here.
+"""ComfyUI entry point: registers this pack's nodes and its frontend (web/). Nothing else happens here.
 
 Importing the package without ComfyUI (tools, tests) registers nothing instead of failing.
 """
@@ -10,4 +10,6 @@ except ImportError:
 else:
     from .glue import NODE_CLASS_MAPPINGS  # v3 nodes: display names are in their schemas
 
-__all__ = ["NODE_CLASS_MAPPINGS"]
+WEB_DIRECTORY = "./web"  # the live loss chart and the nodes' text results, served by ComfyUI to its frontend
+
+__all__ = ["NODE_CLASS_MAPPINGS", "WEB_DIRECTORY"]

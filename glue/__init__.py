@@ -1,4 +1,4 @@
-"""ComfyUI glue: the six nodes, in ComfyUI's v3 schema (``comfy_api.latest.io``: each node's inputs, outputs, display
+"""ComfyUI glue: the nodes, in ComfyUI's v3 schema (``comfy_api.latest.io``: each node's inputs, outputs, display
 name and help in its ``define_schema``). The only package that imports ComfyUI.
 
 Node IDs carry the prefix ``LoraTrainer``: ComfyUI silently drops a custom node whose ID equals a built-in one
@@ -10,6 +10,7 @@ from .dataset_nodes import CaptionDropout, LoadLoraDataset
 from .encode_node import EncodeLatentsCache
 from .lora_nodes import ApplyLora, SaveLora
 from .paths import remove_killed_writes
+from .samples import TrainingSamples
 from .train_node import TrainLora
 
 remove_killed_writes()
@@ -18,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "LoraTrainerLoadDataset": LoadLoraDataset,
     "LoraTrainerCaptionDropout": CaptionDropout,
     "LoraTrainerEncodeLatentsCache": EncodeLatentsCache,
+    "LoraTrainerSamples": TrainingSamples,
     "LoraTrainerTrain": TrainLora,
     "LoraTrainerSave": SaveLora,
     "LoraTrainerApply": ApplyLora,

@@ -333,6 +333,9 @@ def leave_inference_mode(module: torch.nn.Module) -> None:
                     sub._buffers[name] = buffer.clone()
 
 
+PROGRESS_EVENT = "lora_trainer.progress"
+
+
 class Progress:
     """Engine callbacks -> ComfyUI's progress bar (websocket ``progress``), a status line on the node, and
     Cancel: the interrupt flag is read before every step (ComfyUI's layers may also raise it mid-step;
@@ -353,6 +356,21 @@ class Progress:
             return
         self.bar.update_absolute(info.step, info.total)  # its hook may raise the interrupt: the loop stops
         self.text(status_line(info))
+        if info.logged:  # a new logging interval: a point of the chart
+            self.event(step=info.step, total=info.total, loss=info.loss, smoothed=info.smoothed_loss)
+
+    def show(self, image, step: int) -> None:
+        """A PIL image made after ``step`` on the node (ComfyUI's live preview, as its sampler sends; at most 512
+        pixels), and the step marked on the live chart."""
+        self.bar.update_absolute(step, preview=("JPEG", image, 512))
+        self.event(step=step, total=self.bar.total, sample=True)
+
+    def event(self, **data) -> None:
+        """``lora_trainer.progress`` to the client that queued the prompt: the pack's frontend draws the live loss
+        chart from it (web/lora_trainer.js)."""
+        server = _prompt_server()
+        if server is not None and self.node_id is not None:
+            server.send_sync(PROGRESS_EVENT, {"node": self.node_id, **data}, getattr(server, "client_id", None))
 
     def text(self, message: str) -> None:
         """A status line on the node, sent only to the client that queued the prompt (as ComfyUI sends its own
@@ -363,9 +381,10 @@ class Progress:
 
 
 def status_line(info: StepInfo) -> str:
+    """One short line (the node is narrow; the frontend wraps anywhere, even inside a number): step, loss, speed."""
     loss = "…" if info.loss is None else f"{info.loss:.4f} (avg {info.smoothed_loss:.4f})"
-    eta = "" if info.eta_s == float("inf") else f", ETA {info.eta_s:.0f}s"
-    return f"step {info.step}/{info.total}, loss {loss}, lr {info.lr:.2e}, {info.it_per_s:.2f} it/s{eta}"
+    eta = "" if info.eta_s == float("inf") else f" · ETA {info.eta_s:.0f}s"
+    return f"step {info.step}/{info.total} · loss {loss} · {info.it_per_s:.2f} it/s{eta}"
 
 
 def _prompt_server():

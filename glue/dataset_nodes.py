@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..training.captions import CaptionPolicy
 from ..training.dataset import Sample, folder_fingerprint, scan_folder
@@ -92,7 +92,7 @@ class LoadLoraDataset(io.ComfyNode):
             report = scan_folder(path, resolution=resolution, strict=strict, edit_pairs=edit_pairs)
         text = report.text()
         dataset = LoraDataset(path, tuple(report.samples), text, resolution, bucket_multiple, random_crop, flip)
-        return io.NodeOutput(dataset, text)
+        return io.NodeOutput(dataset, text, ui=ui.PreviewText(text))
 
 
 class CaptionDropout(io.ComfyNode):

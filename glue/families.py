@@ -18,6 +18,7 @@ from ..training.lora import ALL_LINEAR
 RECORDS = Path(__file__).resolve().parents[1] / "families"
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 PRESETS = ("attention", "attention+mlp", "all-linear")
+SAMPLING = ("cfg", "sample_steps", "scheduler", "flux_guidance", "sampling_shift")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Family:
     prediction: str | None = None
     unet_config: dict = field(default_factory=dict)
     edit: bool = False
+    # how its shipped workflow samples (the record's [workflow] cfg, sample_steps, scheduler, flux_guidance,
+    # sampling_shift): Training Samples' "auto" values
+    sampling: dict = field(default_factory=dict, compare=False)
 
     @property
     def file_format(self) -> str:
@@ -63,6 +67,7 @@ class Family:
             raise ValueError(f"{path}: unknown keys {unknown}; a family record has {sorted(known)}")
         values = {key: value for key, value in record.items() if key in known}
         values["presets"] = {preset: tuple(names) for preset, names in values.get("presets", {}).items()}
+        values["sampling"] = {key: value for key, value in record.get("workflow", {}).items() if key in SAMPLING}
         return cls(**{**values, "formats": tuple(values["formats"]), "config_classes": tuple(values["config_classes"])})
 
 

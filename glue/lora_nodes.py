@@ -85,6 +85,11 @@ def loras_path(name: str, what: str = "Save LoRA: name") -> str:
     return writable(folder_paths.get_folder_paths("loras")[0], name, what=what, suffix=".safetensors")
 
 
+def lora_name(path: str) -> str:
+    """``path`` as LoraLoader lists it: relative to its loras folder, with '/'."""
+    return os.path.relpath(path, folder_paths.get_folder_paths("loras")[0]).replace(os.sep, "/")
+
+
 def write_lora(lora: TrainedLora, name: str, format: str = "auto", precision: str = "fp32",
                what: str = "Save LoRA: name") -> str:
     path = loras_path(name, what)  # checked again when writing: a folder may have become a symlink meanwhile
@@ -99,7 +104,8 @@ class SaveLora(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoraTrainerSave", display_name="Save LoRA", category=CATEGORY, is_output_node=True,
-            description="Write the LoRA into models/loras (atomically, with metadata); LoraLoader lists it at once.",
+            description="Write the LoRA into models/loras (atomically, with metadata); LoraLoader lists it at once, "
+                        "under the name this node shows.",
             inputs=[
                 LORA.Input("lora", tooltip="From Train LoRA."),
                 io.String.Input("name", default="lora_trainer/my_lora", tooltip="File name inside models/loras; "
@@ -120,7 +126,7 @@ class SaveLora(io.ComfyNode):
         if lora.kept not in (None, path):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(lora.kept)  # Train LoRA's safety copy: the LoRA is saved now
-        return io.NodeOutput(path, ui=ui.PreviewText(path))
+        return io.NodeOutput(path, ui=ui.PreviewText(lora_name(path)))
 
 
 class ApplyLora(io.ComfyNode):

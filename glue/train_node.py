@@ -7,7 +7,7 @@ import logging
 import comfy.model_management as mm
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..training.checkpoint import list_checkpoints
 from ..training.config import TrainConfig
@@ -31,6 +31,7 @@ from .inputs import errors_named, finite
 from .lora_nodes import LORA, TrainedLora, loras_path, write_lora
 from .loss_plot import loss_curve_image
 from .paths import writable
+from .samples import SAMPLES, SampleRun, progression_grid
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def _config_input(name: str) -> io.Input:
 REQUIRED = ("model", "encoded", "steps", "learning_rate", "rank", "alpha", "targets", "objective", "batch_size",
             "seed", "name")
 OPTIONAL = ("lr_schedule", "warmup_steps", "grad_accum", "timestep_sampling", "min_snr_gamma", "noise_offset",
-            "precision", "flux_guidance", "gradient_checkpointing", "memory_budget_gb", "checkpoint_every", "resume")
+            "precision", "flux_guidance", "gradient_checkpointing", "memory_budget_gb", "checkpoint_every", "resume",
+            "samples")
 # The node's own inputs; every other input is a TrainConfig setting of the same name (one definition).
 NODE_INPUTS = {
     "model": io.Model.Input("model", tooltip="The model to train on, e.g. from Load Checkpoint."),
@@ -72,6 +74,8 @@ NODE_INPUTS = {
                                        "memory, streamed to the GPU layer by layer."),
     "resume": io.Boolean.Input("resume", default=False, optional=True,
                                tooltip="Continue from this run name's newest checkpoint."),
+    "samples": SAMPLES.Input("samples", optional=True, tooltip="From Training Samples: images made with the LoRA "
+                             "as trained so far, every N steps, shown here live."),
 }
 
 
@@ -85,18 +89,21 @@ class TrainLora(io.ComfyNode):
                         "has written it, so a Cancel at any moment after the first step keeps it.",
             inputs=[NODE_INPUTS[name] if name in NODE_INPUTS else _config_input(name) for name in REQUIRED + OPTIONAL],
             outputs=[LORA.Output("lora", display_name="lora"), io.Image.Output("loss_curve", display_name="loss_curve"),
-                     io.String.Output("report", display_name="report")],
+                     io.String.Output("report", display_name="report"),
+                     io.Image.Output("progression", display_name="sample progression",
+                                     tooltip="The samples of every sample step (rows) and prompt (columns).")],
         )
 
     @classmethod
     def execute(cls, model, encoded, targets, name, flux_guidance=1.0, resume=False, memory_budget_gb=0.0,
-                **settings) -> io.NodeOutput:
+                samples=None, **settings) -> io.NodeOutput:
         with errors_named("Train LoRA"):
             budget = int(finite("Train LoRA: memory_budget_gb", memory_budget_gb) * 2**30) or None
-            return train_lora(model, encoded, targets, name, flux_guidance, resume, settings, budget)
+            return train_lora(model, encoded, targets, name, flux_guidance, resume, settings, budget, samples)
 
 
-def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, budget=None) -> io.NodeOutput:
+def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, budget=None,
+               samples=None) -> io.NodeOutput:
     kept_name = f"{name}_partial"
     for checked in (name, kept_name):  # bad names fail now, not after the training
         loras_path(checked, "Train LoRA: name")
@@ -119,6 +126,11 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
                                     "turn resume off or set checkpoint_every on the first run")
         resume_from = checkpoint_dir
     progress = Progress(config.steps)
+    sampler = None
+    if samples is not None:
+        sample_dir = writable(folder_paths.get_output_directory(), f"lora_trainer/{name}/samples",
+                              what="Train LoRA: name")
+        sampler = SampleRun(samples, model, family, encoded.dataset.resolution, sample_dir, progress.show)
     load_for_training(model, budget)
     data = LatentsIn(encoded.data, model)
 
@@ -136,7 +148,8 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
             remade_weights(frozen_layers(denoiser.module)):
         try:
             result = train(config, denoiser, data, on_step=progress.on_step, should_stop=progress.should_stop,
-                           resume_from=resume_from, interrupts=(mm.InterruptProcessingException,))
+                           resume_from=resume_from, interrupts=(mm.InterruptProcessingException,),
+                           sample=sampler, sample_every=samples.every if samples is not None else 0)
         except TrainingFailed as error:
             path = kept(error.result).kept
             raise RuntimeError(f"Train LoRA: {error} Saved the adapter of step {error.result.steps_done} to "
@@ -149,10 +162,17 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
         progress.text(message)
         interrupt_now()
     last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
+    trained = result.steps_done - result.first_step
     report = (f"{family.name} LoRA, {result.objective}, rank {config.rank}, {len(lora.layers)} layers, "
               f"{result.steps_done} steps, final loss {last}"
-              + (", gradient checkpointing on" if result.gradient_checkpointing else ""))
-    return io.NodeOutput(lora, loss_curve_image(result.losses, title=f"{name}: loss ({result.objective})"), report)
+              + (", gradient checkpointing on" if result.gradient_checkpointing else "")
+              + f"; training {result.train_s:.1f} s"
+              + (f" ({result.train_s / trained:.3f} s/step)" if trained else "")
+              + (f", sampling {result.sampling_s:.1f} s ({len(result.sample_steps)} × {len(samples.prompts)} "
+                 "images)" if samples is not None else ""))
+    progression = sampler.progression() if sampler is not None else progression_grid({}, [])
+    return io.NodeOutput(lora, loss_curve_image(result.losses, title=f"{name}: loss ({result.objective})"), report,
+                         progression, ui=ui.PreviewText(report))
 
 
 def _check_cache(encoded) -> None:

@@ -46,9 +46,10 @@ def prepare(host: comfy_host.Host, base: Path) -> None:
     make_demo_dataset(base / "input" / "lora_trainer_demo" / "rings", count=8, size=256)
 
 
-def run_prompt(url: str, graph: dict, titles: dict[str, str], say=print, on_event=None) -> dict:
+def run_prompt(url: str, graph: dict, titles: dict[str, str], say=print, on_event=None, on_binary=None) -> dict:
     """Queue ``graph``, stream its progress, return its /history entry (raise if it failed).
-    ``on_event`` gets every JSON websocket event of this prompt."""
+    ``on_event`` gets every JSON websocket event of this prompt, ``on_binary`` the type of every binary one
+    (1 and 4: a preview image, 3: a node's status line)."""
     client_id = uuid.uuid4().hex
     ws = websocket.create_connection(f"ws://{url.split('://', 1)[1]}/ws?clientId={client_id}", timeout=3600)
     try:
@@ -59,6 +60,8 @@ def run_prompt(url: str, graph: dict, titles: dict[str, str], say=print, on_even
         while True:
             message = ws.recv()
             if isinstance(message, bytes):
+                if on_binary is not None:
+                    on_binary(struct.unpack(">I", message[:4])[0])
                 if struct.unpack(">I", message[:4])[0] == TEXT_EVENT and time.monotonic() - last_text > 2:
                     length = struct.unpack(">I", message[4:8])[0]
                     say(f"  {titles.get(message[8:8 + length].decode(), '?')}: {message[8 + length:].decode()}")

@@ -32,13 +32,14 @@ def train_then_generate(*, ckpt: str | None = None, unet: str | None = None, cli
                         lr: float, trigger: str, prompt: str, size: int, sample_steps: int, cfg: float, name: str,
                         prefix: str, latent: str = "EmptyLatentImage", scheduler: str = "normal",
                         flux_guidance: float | None = None, sampling_shift: float | None = None,
-                        edit_image: str | None = None) -> list[tuple]:
+                        edit_image: str | None = None, sample_every: int = 250) -> list[tuple]:
     """(id, type, widget values by name, links {input: (source id, slot)}, column, row).
 
     One checkpoint (``ckpt``), or a diffusion model with its text encoder(s) and VAE (``unet``, ``clips``,
     ``vae``) as FLUX and Qwen-Image ship. FLUX's prompt goes through FluxGuidance; Qwen samples with
     ModelSamplingAuraFlow's shift; Qwen-Image-Edit trains on edit pairs and edits ``edit_image``, sent
-    through TextEncodeQwenImageEdit as ComfyUI's own workflows do."""
+    through TextEncodeQwenImageEdit as ComfyUI's own workflows do. Training Samples samples the prompt every
+    ``sample_every`` steps while it trains (the edit prompt, with its image, for an edit model)."""
     train = dict(steps=steps, learning_rate=lr, rank=rank, name=name)  # the rest: the node's defaults
     sampler = dict(seed=42, steps=sample_steps, cfg=cfg, sampler_name="euler", scheduler=scheduler, denoise=1.0)
     edit = edit_image is not None
@@ -59,10 +60,14 @@ def train_then_generate(*, ckpt: str | None = None, unet: str | None = None, cli
                                               shuffle_variants=4), {"dataset": (2, 0)}, 1, 1),
         (4, "LoraTrainerEncodeLatentsCache", {"cache_dir": "lora_trainer_cache"},
          {"dataset": (3, 0), "vae": vae_out, "clip": clip}, 2, 1),
-        (5, "LoraTrainerTrain", train, {"model": model, "encoded": (4, 0)}, 3, 0),
+        (5, "LoraTrainerTrain", train, {"model": model, "encoded": (4, 0), "samples": (25, 0)}, 3, 0),
         (6, "LoraTrainerSave", dict(name=name, format="auto", precision="fp32"), {"lora": (5, 0)}, 4, 0),
         (7, "SaveImage", {"filename_prefix": f"{prefix}/loss_curve"}, {"images": (5, 1)}, 4, 1),
         (8, "LoraTrainerApply", {"strength": 1.0}, {"model": model, "lora": (5, 0)}, 4, 2),
+        (25, "LoraTrainerSamples", dict(prompts="" if edit else prompt, every_n_steps=sample_every, steps=sample_steps,
+                                        cfg=cfg, scheduler=scheduler, width=size, height=size),
+         {"clip": clip, "vae": vae_out, **({"positive": (9, 0)} if edit else {})}, 2, 0),
+        (26, "SaveImage", {"filename_prefix": f"{prefix}/samples"}, {"images": (5, 3)}, 4, 3),
     ]
     lora_model, base_model = (8, 0), model
     if sampling_shift is not None:
@@ -106,11 +111,19 @@ WORKFLOWS = {
     "demo_tiny_sd15": train_then_generate(
         ckpt="tiny_sd15.safetensors", folder="lora_trainer_demo/rings", resolution=256, steps=30, rank=8, lr=1e-3,
         trigger="zkx", prompt="zkx pattern", size=256, sample_steps=4, cfg=4.0, name="lora_trainer/demo_zkx",
-        prefix="lora_trainer_demo"),
+        prefix="lora_trainer_demo", sample_every=10),
     **{f"{workflow['file']}_train_then_generate": train_then_generate(
         **{**YOURS, **{key: value for key, value in workflow.items() if key != "file"}})
        for workflow in (record["workflow"] for record in family_records().values() if "workflow" in record)},
 }
+
+
+TITLES = {1: "Load model", 18: "Load text encoders", 19: "Load VAE", 2: "Load LoRA Dataset", 3: "Caption Dropout",
+          4: "Encode Latents Cache", 25: "Training Samples", 5: "Train LoRA", 6: "Save LoRA", 7: "Loss chart",
+          26: "Sample progression", 8: "Apply LoRA", 23: "Sampling shift, with LoRA", 24: "Sampling shift, without LoRA",
+          21: "Image to edit", 22: "Scale image to edit", 9: "Prompt", 10: "Negative prompt", 11: "Latent",
+          20: "Guidance", 12: "Sample with LoRA", 13: "Decode with LoRA", 14: "With LoRA",
+          15: "Sample without LoRA", 16: "Decode without LoRA", 17: "Without LoRA"}
 
 
 def input_specs(cls) -> list[tuple[str, object]]:
@@ -148,7 +161,7 @@ def api_format(graph: list[tuple], classes: dict) -> dict:
     for node_id, kind, widgets, links, _, _ in graph:
         inputs = widget_values(kind, node_id, widgets, classes[kind])
         inputs.update({name: [str(src), slot] for name, (src, slot) in links.items()})
-        out[str(node_id)] = {"class_type": kind, "inputs": inputs}
+        out[str(node_id)] = {"class_type": kind, "inputs": inputs, "_meta": {"title": TITLES[node_id]}}
     return out
 
 
@@ -176,7 +189,7 @@ def ui_format(graph: list[tuple], classes: dict) -> dict:
         outputs = [{"name": (getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)[slot], "type": out_type,
                     "links": [r[0] for r in link_rows if r[1] == node_id and r[2] == slot], "slot_index": slot}
                    for slot, out_type in enumerate(cls.RETURN_TYPES)]
-        nodes.append({"id": node_id, "type": kind, "pos": [40 + 380 * column, 40 + 300 * row], "size": [340, 240],
+        nodes.append({"id": node_id, "type": kind, "title": TITLES[node_id], "pos": [40 + 380 * column, 40 + 300 * row], "size": [340, 240],
                       "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": kind}, "widgets_values": values})
     rows = [[r[0], r[1], r[2], r[3], _slot_of(graph, classes, r[3], r[4]), r[5]] for r in link_rows]

@@ -1,5 +1,6 @@
-"""The pack's six node IDs and the display names users see, as the frontend and ComfyUI-Manager must show them."""
+"""The pack's node IDs and the display names users see, as the frontend and ComfyUI-Manager must show them."""
 
 OURS = {"LoraTrainerLoadDataset": "Load LoRA Dataset", "LoraTrainerCaptionDropout": "Caption Dropout",
-        "LoraTrainerEncodeLatentsCache": "Encode Latents Cache", "LoraTrainerTrain": "Train LoRA",
+        "LoraTrainerEncodeLatentsCache": "Encode Latents Cache", "LoraTrainerSamples": "Training Samples",
+        "LoraTrainerTrain": "Train LoRA",
         "LoraTrainerSave": "Save LoRA", "LoraTrainerApply": "Apply LoRA"}

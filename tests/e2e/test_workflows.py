@@ -20,6 +20,8 @@ from scripts.tiny_families import TINY
 from tests.families import EXPECTED
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+SAMPLES_NODE, PROGRESSION_NODE = "25", "26"
+PREVIEW_IMAGE = 1  # ComfyUI's binary websocket event for a preview image (to a client that asks for no metadata)
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json") if not p.stem.endswith("_api"))
 
 
@@ -91,6 +93,9 @@ def test_ui_workflow_matches_its_api_twin(name, object_info):
     for node in ui["nodes"]:
         api_inputs = api[str(node["id"])]["inputs"]
         for slot in node["inputs"]:
+            if slot["link"] is None:  # an optional input left unconnected
+                assert slot["name"] not in api_inputs
+                continue
             source, source_slot, target, _, kind = links[slot["link"]][1:]
             assert target == node["id"] and api_inputs[slot["name"]] == [str(source), source_slot]
             assert kind == slot["type"] == object_info[by_id[source]["type"]]["output"][source_slot]
@@ -106,21 +111,45 @@ def test_ui_workflow_matches_its_api_twin(name, object_info):
 def test_the_demo_workflow_runs_through_the_api(comfy_server, comfy_base_dir, object_info):
     make_demo_dataset(comfy_base_dir / "input" / "lora_trainer_demo" / "rings", count=4, size=256)
     graph = json.loads((WORKFLOWS / "demo_tiny_sd15_api.json").read_text())
-    steps = 4
+    steps, every = 4, graph[SAMPLES_NODE]["inputs"]["every_n_steps"] // 5
     graph[TRAIN_NODE]["inputs"]["steps"] = steps
-    events = []
-    entry = run_prompt(comfy_server.url, graph, {}, say=lambda _: None, on_event=events.append)
+    graph[SAMPLES_NODE]["inputs"]["every_n_steps"] = every
+    events, binary = [], []
+    entry = run_prompt(comfy_server.url, graph, {}, say=lambda _: None, on_event=events.append,
+                       on_binary=binary.append)
     progress = [e["data"]["value"] for e in events if e["type"] == "progress" and e["data"]["node"] == TRAIN_NODE]
-    assert progress == list(range(1, steps + 1))
+    assert progress == sorted(progress) and set(progress) == set(range(steps + 1)), progress
+    sample_steps = [0, *range(every, steps + 1, every)]
+    assert binary.count(PREVIEW_IMAGE) == len(sample_steps), binary  # one prompt: an image per sample step
+    ours = [e["data"] for e in events if e["type"] == "lora_trainer.progress"]
+    assert [d["step"] for d in ours if d.get("sample")] == sample_steps
+    assert [d["step"] for d in ours if "loss" in d] == list(range(1, steps + 1))  # the demo logs every step
     saved = {node: out for node, out in entry["outputs"].items() if out.get("images")}
-    prefixes = {graph[node]["inputs"]["filename_prefix"] for node in saved}
-    assert prefixes == {"lora_trainer_demo/with_lora", "lora_trainer_demo/without_lora", "lora_trainer_demo/loss_curve"}
+    prefixes = {graph[node]["inputs"]["filename_prefix"] for node in saved if "filename_prefix" in graph[node]["inputs"]}
+    assert prefixes == {"lora_trainer_demo/with_lora", "lora_trainer_demo/without_lora",
+                        "lora_trainer_demo/loss_curve", "lora_trainer_demo/samples"}
     for out in saved.values():
         image = out["images"][0]
         assert (comfy_base_dir / "output" / image["subfolder"] / image["filename"]).is_file()
+    samples_dir = comfy_base_dir / "output" / "lora_trainer" / graph[TRAIN_NODE]["inputs"]["name"] / "samples"
+    assert sorted(p.name for p in samples_dir.iterdir()) == [f"step_{s:06d}_1.png" for s in sample_steps]
+    progression = saved[PROGRESSION_NODE]["images"][0]
+    with Image.open(comfy_base_dir / "output" / progression["subfolder"] / progression["filename"]) as image:
+        assert image.height > len(sample_steps) * 256  # a row per sample step, under a label line
+    assert entry["outputs"]["6"]["text"] == [LORA_NAME]  # Save LoRA shows the name LoraLoader lists
+    assert "final loss" in entry["outputs"][TRAIN_NODE]["text"][0]
     assert (comfy_base_dir / "models" / "loras" / LORA_NAME).is_file()
     listed = requests.get(f"{comfy_server.url}/object_info/LoraLoader", timeout=30).json()
     assert LORA_NAME in listed["LoraLoader"]["input"]["required"]["lora_name"][0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_api_workflow_node_has_a_unique_title(name):
+    graph = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    titles = [node["_meta"]["title"] for node in graph.values()]
+    assert len(set(titles)) == len(titles) and all(titles), titles
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    assert {str(node["id"]): node["title"] for node in ui["nodes"]} == {k: v["_meta"]["title"] for k, v in graph.items()}
 
 
 FAMILY_WORKFLOWS = {"sd15": "SD15", "sd2_v": "SD2-v", "sdxl": "SDXL", "sd3": "SD3", "flux_dev": "FLUX.1-dev",
@@ -135,6 +164,7 @@ SMALL = {  # class_type: inputs that make the run a few steps at 64 px
     "EmptyFlux2LatentImage": {"width": 64, "height": 64},
     "ImageScaleToTotalPixels": {"megapixels": 0.01},
     "LoraTrainerLoadDataset": {"resolution": 64},
+    "LoraTrainerSamples": {"width": 64, "height": 64, "steps": 2},
 }
 
 
@@ -186,11 +216,12 @@ def test_every_family_workflow_runs_through_the_api_on_the_tiny_model(workflow, 
         metadata, keys = saved.metadata(), list(saved.keys())
     assert any(key.startswith(first_key) for key in keys), keys[:4]
     assert (metadata["ss_base_model_version"], metadata["modelspec.architecture"]) == (base_version, architecture)
-    images = {}  # by the last part of the SaveImage node's prefix: with_lora, without_lora, loss_curve
+    images = {}  # by the last part of the SaveImage node's prefix: with_lora, without_lora, loss_curve, samples
     for node_id, out in entry["outputs"].items():
         for image in out.get("images", []):
             images[graph[node_id]["inputs"]["filename_prefix"].rsplit("/", 1)[-1]] = np.asarray(
                 Image.open(comfy_base_dir / "output" / image["subfolder"] / image["filename"]))
-    assert set(images) == {"with_lora", "without_lora", "loss_curve"}
+    assert set(images) == {"with_lora", "without_lora", "loss_curve", "samples"}
+    assert images["samples"].shape[0] > 2 * 64  # before the first step and after the last
     assert images["with_lora"].shape == images["without_lora"].shape
     assert not np.array_equal(images["with_lora"], images["without_lora"])

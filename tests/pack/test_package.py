@@ -73,7 +73,7 @@ def test_the_published_archive_holds_the_pack_and_no_development_files(tmp_path)
     assert not development, sorted(development)[:10]
 
 
-def test_static_scanners_read_the_six_node_ids_without_importing_the_pack():
+def test_static_scanners_read_the_node_ids_without_importing_the_pack():
     """ComfyUI-Manager's node index reads a module-level ``NODE_CLASS_MAPPINGS = {...}`` with string keys."""
     literals = {}
     for path in pack_sources():

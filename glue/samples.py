@@ -1,0 +1,198 @@
+"""Training Samples: images that ComfyUI's own sampler makes with the LoRA as trained so far, while Train LoRA
+trains. Each appears live on the Train node, is saved beside the run, and the progression (sample step × prompt)
+is one labelled IMAGE."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import node_helpers
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image, ImageDraw
+
+from .bridge import pixels_per_latent
+from .dataset_nodes import CATEGORY
+from .families import Family
+
+SAMPLES = io.Custom("LORA_TRAINING_SAMPLES")
+AUTO = "auto"
+
+
+@dataclass
+class SampleSettings:
+    """SAMPLES: what to sample and how; 0 / "auto" take the family's values (its shipped workflow's)."""
+
+    prompts: list[str]  # labels, one per positive
+    positives: list  # CONDITIONING, one per prompt
+    negative: list  # CONDITIONING
+    vae: object
+    every: int
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    width: int
+    height: int
+
+
+class TrainingSamples(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraTrainerSamples", display_name="Training Samples", category=CATEGORY,
+            description="Connect to Train LoRA's 'samples' input: every N steps it generates these prompts with the "
+                        "LoRA as trained so far (ComfyUI's own sampler, fixed seed), shows each image on the node "
+                        "and saves it in output/lora_trainer/<name>/samples/.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="Encodes the prompts (the model's text encoder, as for CLIP Text Encode)."),
+                io.Vae.Input("vae", tooltip="Decodes the samples (the model's VAE)."),
+                io.String.Input("prompts", multiline=True, default="", tooltip="One prompt per line; put the "
+                                "trigger word in them. Each is one column of the progression."),
+                io.String.Input("negative_prompt", default="", tooltip="The negative prompt of every sample."),
+                io.Int.Input("every_n_steps", default=100, min=0, max=1_000_000, tooltip="Sample every N steps, "
+                             "and always before the first step and after the last; 0: only those two."),
+                io.Int.Input("seed", default=42, min=0, max=2**63 - 1, tooltip="The noise seed, the same at every "
+                             "sample step so that the images are comparable."),
+                io.Int.Input("steps", default=0, min=0, max=200, tooltip="Sampler steps; 0: the family's usual "
+                             "(its shipped workflow's)."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="CFG scale; "
+                               "0: the family's usual (FLUX: 1, with its guidance at the workflow's 3.5)."),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
+                               tooltip="As in KSampler."),
+                io.Combo.Input("scheduler", options=[AUTO, *comfy.samplers.KSampler.SCHEDULERS], default=AUTO,
+                               tooltip="As in KSampler; auto: the family's usual."),
+                io.Int.Input("width", default=0, min=0, max=8192, step=16, tooltip="0: the training resolution."),
+                io.Int.Input("height", default=0, min=0, max=8192, step=16, tooltip="0: the training resolution."),
+                io.Conditioning.Input("positive", optional=True, tooltip="A conditioning to sample besides the "
+                                      "prompts, e.g. from TextEncodeQwenImageEdit for an edit model."),
+            ],
+            outputs=[SAMPLES.Output("samples", display_name="samples")],
+        )
+
+    @classmethod
+    def execute(cls, clip, vae, prompts, negative_prompt, every_n_steps, seed, steps, cfg, sampler_name, scheduler,
+                width, height, positive=None) -> io.NodeOutput:
+        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+        if not lines and positive is None:
+            raise ValueError("Training Samples: prompts is empty; write one prompt per line (or connect positive)")
+        if clip is None:
+            raise ValueError("Training Samples: clip is not connected; connect the model's CLIP (e.g. from Load "
+                             "Checkpoint)")
+        positives = [_encode(clip, line) for line in lines] + ([positive] if positive is not None else [])
+        labels = lines + (["(positive input)"] if positive is not None else [])
+        return io.NodeOutput(SampleSettings(labels, positives, _encode(clip, negative_prompt), vae, every_n_steps,
+                                            seed, steps, cfg, sampler_name, scheduler, width, height))
+
+
+def _encode(clip, text: str) -> list:
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+class SampleRun:
+    """``train``'s ``sample`` callback: every prompt at the step, through ``comfy.sample`` on the model being
+    trained (its adapters are live in the layers), decoded by the VAE; kept for the progression."""
+
+    def __init__(self, settings: SampleSettings, model, family: Family, resolution: int, folder: str, show):
+        self.settings, self.model, self.folder, self.show = settings, model, folder, show
+        os.makedirs(folder, exist_ok=True)
+        usual = family.sampling
+        self.steps = settings.steps or usual.get("sample_steps", 20)
+        self.cfg = settings.cfg or usual.get("cfg", 7.0)
+        self.scheduler = usual.get("scheduler", "normal") if settings.scheduler == AUTO else settings.scheduler
+        self.width, self.height = settings.width or resolution, settings.height or resolution
+        factor = pixels_per_latent(model.model)
+        if self.width % factor or self.height % factor:
+            raise ValueError(f"Training Samples: width and height must be multiples of {factor} for "
+                             f"{family.name}, got {self.width}×{self.height}")
+        guidance = usual.get("flux_guidance") if family.guidance is not None else None
+        self.positives = [_with_guidance(c, guidance) for c in settings.positives]
+        self.negative = _with_guidance(settings.negative, guidance)
+        self.shift = usual.get("sampling_shift")
+        self.images: dict[int, list[torch.Tensor]] = {}  # step -> [H, W, 3] per prompt
+
+    def __call__(self, step: int) -> None:
+        images = []
+        for index, positive in enumerate(self.positives):
+            image = self._generate(positive)
+            images.append(image)
+            pil = _pil(image)
+            pil.save(os.path.join(self.folder, f"step_{step:06d}_{index + 1}.png"))
+            self.show(pil, step)
+        self.images[step] = images
+
+    def _generate(self, positive) -> torch.Tensor:
+        s = self.settings
+        factor = pixels_per_latent(self.model.model)
+        latent = torch.zeros([1, 4, self.height // factor, self.width // factor])
+        latent = comfy.sample.fix_empty_latent_channels(self.model, latent)
+        noise = comfy.sample.prepare_noise(latent, s.seed)
+        samples = comfy.sample.sample(self.model, noise, self.steps, self.cfg, s.sampler_name, self.scheduler,
+                                      positive, self.negative, latent, sigmas=self._sigmas(), disable_pbar=True,
+                                      seed=s.seed)
+        images = s.vae.decode(samples)
+        return images.reshape(-1, *images.shape[-3:])[0].float().cpu()  # a video VAE (Qwen's) adds a frame axis
+
+    def _sigmas(self) -> torch.Tensor | None:
+        """The family's shifted schedule (what ModelSamplingAuraFlow gives the shipped workflows), else None: the
+        model's own."""
+        sampling = self.model.get_model_object("model_sampling")
+        if self.shift is None or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
+            return None
+        shifted = copy.deepcopy(sampling)
+        shifted.set_parameters(shift=self.shift, multiplier=sampling.multiplier)
+        return comfy.samplers.calculate_sigmas(shifted, self.scheduler, self.steps)
+
+    def progression(self) -> torch.Tensor:
+        """[1, H, W, 3]: a row per sample step, a column per prompt, labelled."""
+        return progression_grid(self.images, self.settings.prompts)
+
+
+def _with_guidance(conditioning: list, guidance: float | None) -> list:
+    if guidance is None or all("guidance" in c[1] for c in conditioning):
+        return conditioning
+    return node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
+
+
+def _pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray(np.clip(image.numpy() * 255.0, 0, 255).astype(np.uint8))
+
+
+LABEL_W, LABEL_H = 90, 28
+
+
+def progression_grid(images: dict[int, list[torch.Tensor]], prompts: list[str]) -> torch.Tensor:
+    """The images of each sample step side by side, steps top to bottom, under the prompts; [1, H, W, 3]."""
+    if not images:
+        canvas = Image.new("RGB", (480, 120), "white")
+        ImageDraw.Draw(canvas).text((12, 50), "no samples: connect Training Samples to Train LoRA", fill="black")
+        return _tensor(canvas)
+    height, width = next(iter(images.values()))[0].shape[:2]
+    columns = len(prompts)
+    canvas = Image.new("RGB", (LABEL_W + columns * width, LABEL_H + len(images) * height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for column, prompt in enumerate(prompts):
+        draw.text((LABEL_W + column * width + 4, 8), _fit(draw, prompt, width - 8), fill="black")
+    for row, (step, row_images) in enumerate(sorted(images.items())):
+        top = LABEL_H + row * height
+        draw.text((6, top + height // 2 - 6), "before" if step == 0 else f"step {step}", fill="black")
+        for column, image in enumerate(row_images):
+            canvas.paste(_pil(image), (LABEL_W + column * width, top))
+    return _tensor(canvas)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
+    while text and draw.textlength(text) > width:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    return text
+
+
+def _tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
