@@ -93,3 +93,66 @@ def test_our_nodes_show_display_names_and_tooltips(page):
         missing = [name for name, tip in inputs.items() if not tip]
         assert not missing, f"{node_id}: no tooltip on {missing}"
     assert "kohya 'N_name' subfolders" in tooltips["LoraTrainerLoadDataset"]["folder"]
+
+
+STAGES = REPO_ROOT / "artifacts"
+
+
+def test_while_it_trains_the_node_shows_the_live_sample_and_loss_chart_and_save_shows_the_name(page, comfy_server,
+                                                                                             comfy_base_dir):
+    """The demo workflow queued from the page, as a user presses Queue: screenshots before, during and after in
+    artifacts/; the live chart's points and pixels, the live preview and Save LoRA's name are read from the page."""
+    from scripts.demo import LORA_NAME
+    from scripts.make_demo_assets import make_demo_dataset
+
+    make_demo_dataset(comfy_base_dir / "input" / "lora_trainer_demo" / "rings", count=4, size=256)
+    page.evaluate("async (w) => { await window.app.loadGraphData(w); }", json.loads(WORKFLOW.read_text()))
+    page.evaluate("""() => {
+        const api = window.app.api;
+        window.__previews = 0;
+        for (const kind of ["b_preview", "b_preview_with_metadata"])
+            api.addEventListener(kind, () => { window.__previews += 1; });
+        const train = window.app.graph._nodes.find(n => n.type === "LoraTrainerTrain");
+        window.app.canvas.ds.scale = 0.7;  // Train LoRA in view, drawn in full (not the zoomed-out low quality)
+        window.app.canvas.ds.offset = [-train.pos[0] + 500, -train.pos[1] + 20];
+        window.app.canvas.setDirty(true, true);
+    }""")
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(STAGES / "frontend_before_training.png"))
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    chart = """() => {
+        const node = window.app.graph._nodes.find(n => n.type === "LoraTrainerTrain");
+        const chart = node.loraTrainerChart;
+        if (!chart) return null;
+        const pixels = chart.canvas.getContext("2d").getImageData(0, 0, chart.canvas.width, chart.canvas.height).data;
+        let ink = 0;
+        for (let i = 0; i < pixels.length; i += 4) if (pixels[i] < 200 || pixels[i + 2] < 200) ink += 1;
+        return {points: chart.points.length, samples: chart.samples.length, ink, total: chart.total,
+                shown: chart.canvas.isConnected && chart.canvas.getBoundingClientRect().height > 50};
+    }"""
+    page.wait_for_function(f"(() => {{ const c = ({chart})(); return c && c.points >= 3 && c.samples >= 1; }})()",
+                           timeout=300_000, polling=200)
+    during = page.evaluate(chart)
+    previews_during = page.evaluate("window.__previews")
+    page.screenshot(path=str(STAGES / "frontend_during_training.png"))
+    saved = """() => {
+        const node = window.app.graph._nodes.find(n => n.type === "LoraTrainerSave");
+        const widget = (node.widgets || []).find(w => w.name === "lora_trainer_result");
+        return widget ? widget.element.textContent : null;
+    }"""
+    page.wait_for_function(f"({saved})() !== null", timeout=600_000, polling=500)
+    page.evaluate("""() => {
+        const save = window.app.graph._nodes.find(n => n.type === "LoraTrainerSave");
+        window.app.canvas.ds.offset = [-save.pos[0] + 1000, -save.pos[1] + 20];
+        window.app.canvas.setDirty(true, true);
+    }""")
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(STAGES / "frontend_after_training.png"))
+    after = page.evaluate(chart)
+
+    assert during["shown"] and during["points"] >= 3 and during["ink"] > 2000, during
+    assert previews_during >= 1  # the sample before the first step reached the page as a live preview
+    assert after["points"] == 30 and after["samples"] == 4 and after["total"] == 30, after  # every 10 of 30 steps
+    assert page.evaluate(saved) == LORA_NAME
+    assert page.evaluate("window.__previews") >= 4
+    assert not page.errors, page.errors
