@@ -79,7 +79,7 @@ def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirel
     objective, base_version, architecture, first_key = EXPECTED[family]
     model = tiny_model(family)
     encoded = _encoded(comfy, family)
-    lora, _, report = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=STEPS,
+    lora, _, report, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=STEPS,
                                learning_rate=2e-3, rank=8, alpha=0.0, targets="all-linear", objective="auto",
                                batch_size=2, seed=0, name=f"tests/{family}")
     assert lora.config["objective"] == objective, report
@@ -188,8 +188,8 @@ def test_gradient_checkpointing_gives_the_same_lora_in_every_family(comfy, famil
     encoded = _encoded(comfy, family)
     settings = dict(model=model, encoded=encoded, steps=2, learning_rate=1e-3, rank=4, alpha=0.0,
                     targets="attention", objective="auto", batch_size=2, seed=0, name=f"tests/gc_{family}")
-    off, _, _ = run_node(comfy, "LoraTrainerTrain", gradient_checkpointing="off", **settings)
-    on, _, report = run_node(comfy, "LoraTrainerTrain", gradient_checkpointing="on", **settings)
+    off, _, _, _ = run_node(comfy, "LoraTrainerTrain", gradient_checkpointing="off", **settings)
+    on, _, report, _ = run_node(comfy, "LoraTrainerTrain", gradient_checkpointing="on", **settings)
     assert "gradient checkpointing on" in report
     for name, tensors in off.layers.items():
         torch.testing.assert_close(on.layers[name].up, tensors.up, atol=1e-5, rtol=1e-4)
@@ -267,7 +267,7 @@ def test_the_saved_file_loads_in_diffusers_with_every_key(comfy, family, caplog)
 
     model = tiny_model(FLUX_FULL_WIDTH if family == "FLUX.1-dev" else family)
     encoded = _encoded(comfy, family)
-    lora, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=2, learning_rate=1e-2,
+    lora, _, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=2, learning_rate=1e-2,
                           rank=4, alpha=2.0, targets="attention+mlp", objective="auto", batch_size=2, seed=0,
                           name=f"tests/diffusers_{family}")
     (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name=f"tests/diffusers_{family}", format="auto",

@@ -37,7 +37,7 @@ def test_an_fp8_stored_model_trains_and_its_lora_loads_on_the_full_precision_mod
     stored = tiny_model(family, dtype=dtype)
     assert any(t.dtype == dtype for t in stored.model.diffusion_model.state_dict().values())
     encoded = _encoded(comfy, family)
-    lora, _, report = _train(comfy, stored, encoded, f"tests/fp8_{family}", steps=50, targets="all-linear")
+    lora, _, report, _ = _train(comfy, stored, encoded, f"tests/fp8_{family}", steps=50, targets="all-linear")
     guidance = lora.family.guidance
     config = pack.training.config.TrainConfig.from_dict(lora.config)
     batch = encoded.data.collate(list(range(4)), random.Random(0))
@@ -70,7 +70,7 @@ def test_a_scaled_fp8_file_loaded_by_comfyuis_loader_trains_and_its_lora_loads_o
     full = tiny_model(family)
     stored = load_diffusion_file(family, scaled_fp8_file(full))
     encoded = _encoded(comfy, family)
-    lora, _, report = _train(comfy, stored, encoded, f"tests/scaled_fp8_{family}", steps=50, targets="all-linear")
+    lora, _, report, _ = _train(comfy, stored, encoded, f"tests/scaled_fp8_{family}", steps=50, targets="all-linear")
     config = pack.training.config.TrainConfig.from_dict(lora.config)
     batch = encoded.data.collate(list(range(4)), random.Random(0))
     guidance = lora.family.guidance
@@ -134,10 +134,10 @@ def test_training_with_weights_kept_in_cpu_memory_gives_the_same_lora(comfy, fam
 
     encoded = _encoded(comfy, family)
     model = tiny_model(family)
-    full, _, _ = _train(comfy, model, encoded, f"tests/full_{family}", steps=3, gradient_checkpointing="off")
+    full, _, _, _ = _train(comfy, model, encoded, f"tests/full_{family}", steps=3, gradient_checkpointing="off")
     mm.unload_all_models()
     model = tiny_model(family)
-    offloaded, _, _ = _train(comfy, model, encoded, f"tests/offload_{family}", steps=3, gradient_checkpointing="off",
+    offloaded, _, _, _ = _train(comfy, model, encoded, f"tests/offload_{family}", steps=3, gradient_checkpointing="off",
                              memory_budget_gb=0.0005)
     casting = [m for m in model.model.diffusion_model.modules() if getattr(m, "comfy_cast_weights", False)]
     assert len(casting) > 10, "the budget left the model fully loaded"
@@ -151,9 +151,9 @@ def test_gradient_checkpointing_auto_turns_on_before_the_first_step_when_the_ste
     import comfy.model_management as mm
 
     encoded = _encoded(comfy, "FLUX.1-dev")
-    _, _, roomy = _train(comfy, tiny_model("FLUX.1-dev"), encoded, "tests/budget_roomy", steps=1,
+    _, _, roomy, _ = _train(comfy, tiny_model("FLUX.1-dev"), encoded, "tests/budget_roomy", steps=1,
                          memory_budget_gb=64.0)
-    _, _, tight = _train(comfy, tiny_model("FLUX.1-dev"), encoded, "tests/budget_tight", steps=1,
+    _, _, tight, _ = _train(comfy, tiny_model("FLUX.1-dev"), encoded, "tests/budget_tight", steps=1,
                          memory_budget_gb=0.0005)
     assert "gradient checkpointing on" not in roomy and "gradient checkpointing on" in tight
     mm.unload_all_models()

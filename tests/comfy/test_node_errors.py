@@ -53,7 +53,7 @@ def tiny_lora(comfy, sd15, demo_folder):
     dataset, _ = run_node(comfy, "LoraTrainerLoadDataset", folder=str(demo_folder), **DATASET)
     encoded, _ = run_node(comfy, "LoraTrainerEncodeLatentsCache", dataset=dataset, vae=vae, clip=clip,
                           cache_dir="cache")
-    lora, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=1, learning_rate=1e-3,
+    lora, _, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=1, learning_rate=1e-3,
                           rank=2, alpha=0.0, targets="attention", objective="auto", batch_size=1, seed=0,
                           name="tests/one_step")
     return lora

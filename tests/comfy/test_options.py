@@ -54,7 +54,7 @@ def test_settings_left_out_of_a_prompt_are_train_configs_defaults(comfy, pack, s
                           cache_dir="cache_defaults")
     required = dict(steps=2, learning_rate=1e-3, rank=4, alpha=0.0, targets="attention", objective="auto",
                     batch_size=1, seed=0, name="tests/defaults")
-    lora, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, **required)
+    lora, _, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, **required)
     config = pack.training.config.TrainConfig
     for name in ("lr_schedule", "warmup_steps", "grad_accum", "min_snr_gamma", "noise_offset", "checkpoint_every"):
         assert lora.config[name] == getattr(config, name), name

@@ -26,7 +26,7 @@ def test_train_save_and_the_file_loads_in_comfyui_with_every_key(comfy, sd15, de
     model, _, _ = sd15
     encoded, report = _encoded(comfy, sd15, demo_folder)
     assert "encoded" in report
-    lora, curve, report = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, **TRAIN)
+    lora, curve, report, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, **TRAIN)
     assert lora.steps == 6 and not lora.cancelled and lora.config["objective"] == "ddpm-eps"
     assert curve.shape[0] == 1 and curve.shape[-1] == 3
     (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name="tests/tiny", format="auto", precision="fp32")
@@ -71,7 +71,7 @@ def test_no_side_effects_and_apply_lora_equals_the_stock_lora_loader(comfy, sd15
     model, clip, _ = sd15
     base_before = _sample(comfy, model, clip)
     encoded, _ = _encoded(comfy, sd15, demo_folder)
-    lora, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, **{**TRAIN, "steps": 8,
+    lora, _, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, **{**TRAIN, "steps": 8,
                                                                                     "learning_rate": 1e-2})
     # the MODEL given to Train LoRA still samples the base model's images, bit for bit
     assert torch.equal(_sample(comfy, model, clip), base_before)
@@ -127,10 +127,10 @@ def test_gradient_checkpointing_learns_the_same_lora_and_comes_off_again(comfy, 
     checkpoint = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
                         lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
-    off, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, gradient_checkpointing="off",
+    off, _, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, gradient_checkpointing="off",
                          **TRAIN)
     assert not recomputed
-    on, _, report = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, gradient_checkpointing="on",
+    on, _, report, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, gradient_checkpointing="on",
                              **TRAIN)
     assert "gradient checkpointing on" in report and recomputed
     assert off.layers.keys() == on.layers.keys()
