@@ -112,7 +112,7 @@ def test_the_demo_workflow_runs_through_the_api(comfy_server, comfy_base_dir, ob
     make_demo_dataset(comfy_base_dir / "input" / "lora_trainer_demo" / "rings", count=4, size=256)
     graph = json.loads((WORKFLOWS / "demo_tiny_sd15_api.json").read_text())
     steps, every = 4, graph[SAMPLES_NODE]["inputs"]["every_n_steps"] // 5
-    graph[TRAIN_NODE]["inputs"]["steps"] = steps
+    graph[TRAIN_NODE]["inputs"].update(steps=steps, name="e2e/demo_api")  # its own run folder for the samples
     graph[SAMPLES_NODE]["inputs"]["every_n_steps"] = every
     events, binary = [], []
     entry = run_prompt(comfy_server.url, graph, {}, say=lambda _: None, on_event=events.append,
