@@ -37,4 +37,9 @@ def loss_curve_image(losses: list[tuple[int, float]], title: str = "") -> torch.
         draw.text((right - 70, bottom + 6), f"step {steps[-1]}", fill="black")
     else:
         draw.text((left + 10, (top + bottom) // 2), "no loss recorded yet", fill="black")
+    return image_tensor(image)
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL RGB image as a ComfyUI IMAGE: [1, H, W, 3] float in [0, 1]."""
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]

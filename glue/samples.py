@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from .bridge import pixels_per_latent
 from .dataset_nodes import CATEGORY
 from .families import Family
+from .loss_plot import image_tensor
 
 SAMPLES = io.Custom("LORA_TRAINING_SAMPLES")
 AUTO = "auto"
@@ -115,7 +116,12 @@ class SampleRun:
         guidance = usual.get("flux_guidance") if family.guidance is not None else None
         self.positives = [_with_guidance(c, guidance) for c in settings.positives]
         self.negative = _with_guidance(settings.negative, guidance)
-        self.shift = usual.get("sampling_shift")
+        # the same latent, noise and schedule for every prompt at every sample step
+        latent = torch.zeros([1, 4, self.height // factor, self.width // factor])
+        self.latent = comfy.sample.fix_empty_latent_channels(model, latent)
+        with torch.random.fork_rng(devices=[]):  # prepare_noise seeds the global RNG
+            self.noise = comfy.sample.prepare_noise(self.latent, settings.seed)
+        self.sigmas = _shifted_sigmas(model, usual.get("sampling_shift"), self.scheduler, self.steps)
         self.images: dict[int, list[torch.Tensor]] = {}  # step -> [H, W, 3] per prompt
 
     def __call__(self, step: int) -> None:
@@ -130,29 +136,26 @@ class SampleRun:
 
     def _generate(self, positive) -> torch.Tensor:
         s = self.settings
-        factor = pixels_per_latent(self.model.model)
-        latent = torch.zeros([1, 4, self.height // factor, self.width // factor])
-        latent = comfy.sample.fix_empty_latent_channels(self.model, latent)
-        noise = comfy.sample.prepare_noise(latent, s.seed)
-        samples = comfy.sample.sample(self.model, noise, self.steps, self.cfg, s.sampler_name, self.scheduler,
-                                      positive, self.negative, latent, sigmas=self._sigmas(), disable_pbar=True,
+        samples = comfy.sample.sample(self.model, self.noise, self.steps, self.cfg, s.sampler_name, self.scheduler,
+                                      positive, self.negative, self.latent, sigmas=self.sigmas, disable_pbar=True,
                                       seed=s.seed)
         images = s.vae.decode(samples)
         return images.reshape(-1, *images.shape[-3:])[0].float().cpu()  # a video VAE (Qwen's) adds a frame axis
 
-    def _sigmas(self) -> torch.Tensor | None:
-        """The family's shifted schedule (what ModelSamplingAuraFlow gives the shipped workflows), else None: the
-        model's own."""
-        sampling = self.model.get_model_object("model_sampling")
-        if self.shift is None or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
-            return None
-        shifted = copy.deepcopy(sampling)
-        shifted.set_parameters(shift=self.shift, multiplier=sampling.multiplier)
-        return comfy.samplers.calculate_sigmas(shifted, self.scheduler, self.steps)
-
     def progression(self) -> torch.Tensor:
         """[1, H, W, 3]: a row per sample step, a column per prompt, labelled."""
         return progression_grid(self.images, self.settings.prompts)
+
+
+def _shifted_sigmas(model, shift: float | None, scheduler: str, steps: int) -> torch.Tensor | None:
+    """The family's shifted schedule (what ModelSamplingAuraFlow gives the shipped workflows), else None: the
+    model's own."""
+    sampling = model.get_model_object("model_sampling")
+    if shift is None or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
+        return None
+    shifted = copy.deepcopy(sampling)
+    shifted.set_parameters(shift=shift, multiplier=sampling.multiplier)
+    return comfy.samplers.calculate_sigmas(shifted, scheduler, steps)
 
 
 def _with_guidance(conditioning: list, guidance: float | None) -> list:
@@ -173,7 +176,7 @@ def progression_grid(images: dict[int, list[torch.Tensor]], prompts: list[str]) 
     if not images:
         canvas = Image.new("RGB", (480, 120), "white")
         ImageDraw.Draw(canvas).text((12, 50), "no samples: connect Training Samples to Train LoRA", fill="black")
-        return _tensor(canvas)
+        return image_tensor(canvas)
     height, width = next(iter(images.values()))[0].shape[:2]
     columns = len(prompts)
     canvas = Image.new("RGB", (LABEL_W + columns * width, LABEL_H + len(images) * height), "white")
@@ -185,14 +188,10 @@ def progression_grid(images: dict[int, list[torch.Tensor]], prompts: list[str]) 
         draw.text((6, top + height // 2 - 6), "before" if step == 0 else f"step {step}", fill="black")
         for column, image in enumerate(row_images):
             canvas.paste(_pil(image), (LABEL_W + column * width, top))
-    return _tensor(canvas)
+    return image_tensor(canvas)
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
     while text and draw.textlength(text) > width:
         text = text[:-2] + "…" if len(text) > 2 else ""
     return text
-
-
-def _tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]

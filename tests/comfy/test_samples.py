@@ -3,12 +3,14 @@ saved beside the run, a labelled progression, and a run that is the same as with
 
 from __future__ import annotations
 
-import functools
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from scripts.tiny_families import TINY, tiny_clip, tiny_model, tiny_vae, unbuildable
+from scripts.tiny_families import TINY, tiny_model
+from tests.comfy import test_families
 from tests.comfy.conftest import run_node
 from tests.comfy.test_train_nodes import TRAIN, _encoded
 
@@ -44,15 +46,14 @@ def test_samples_show_the_lora_as_trained_at_each_sample_step(comfy, sd15, demo_
 
     folder = f"{folder_paths.get_output_directory()}/lora_trainer/tests/sampled/samples"
     steps = (0, 3, 6, 7)
-    names = sorted(p.name for p in __import__("pathlib").Path(folder).iterdir())
+    names = sorted(p.name for p in Path(folder).iterdir())
     assert names == [f"step_{s:06d}_{i}.png" for s in steps for i in (1, 2)]
     assert "sampling" in report and "4 × 2 images" in report, report
     size = 128  # the dataset's resolution
     assert progression.shape[1:] > (len(steps) * size, 2 * size, 2)
 
     def saved(step, index):
-        return torch.from_numpy(__import__("numpy").asarray(Image.open(f"{folder}/step_{step:06d}_{index}.png"),
-                                                             dtype="float32") / 255)
+        return torch.from_numpy(np.asarray(Image.open(f"{folder}/step_{step:06d}_{index}.png"), dtype="float32") / 255)
 
     base = _stock_image(comfy, model, clip, vae, "zkx pattern", size)
     (applied,) = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0)
@@ -69,23 +70,19 @@ def test_a_prompt_list_that_is_empty_is_refused_by_name(comfy, sd15):
         run_node(comfy, "LoraTrainerSamples", clip=clip, vae=vae, **dict(SAMPLE, prompts=" \n"))
 
 
-@functools.cache
-def _encoders(family):
-    return tiny_clip(family), tiny_vae(family)
+@pytest.fixture(scope="module", autouse=True)
+def _free_encoders():
+    yield
+    test_families._encoders.cache_clear()  # before interpreter exit, where ComfyUI's patchers cannot be torn down
 
 
 @pytest.mark.parametrize("family", [f for f in TINY if not TINY[f].edit])
 def test_every_family_samples_while_training(comfy, family):
-    from tests.comfy.test_families import _encoded as family_encoded
-
-    if unbuildable(family):
-        pytest.skip(unbuildable(family))
-    clip, vae = _encoders(family)
-    encoded = family_encoded(comfy, family)
+    clip, vae = test_families._encoders(family)  # the encoders the dataset is encoded with (skips if unbuildable)
+    encoded = test_families._encoded(comfy, family)
     (samples,) = run_node(comfy, "LoraTrainerSamples", clip=clip, vae=vae,
                           **dict(SAMPLE, every_n_steps=2, steps=2, cfg=0.0))
     _, _, report, progression = run_node(comfy, "LoraTrainerTrain", model=tiny_model(family), encoded=encoded,
                                          samples=samples, **dict(TRAIN, steps=2, name=f"tests/sampled_{family}"))
     assert "2 × 2 images" in report, report
     assert progression.shape[1] > 2 * 64 and torch.isfinite(progression).all()
-    _encoders.cache_clear()
