@@ -8,6 +8,7 @@ index) can read them without importing the pack.
 
 from .dataset_nodes import CaptionDropout, LoadLoraDataset
 from .encode_node import EncodeLatentsCache
+from .evaluation import EvaluationGrid
 from .lora_nodes import ApplyLora, SaveLora
 from .paths import remove_killed_writes
 from .samples import TrainingSamples
@@ -23,4 +24,5 @@ NODE_CLASS_MAPPINGS = {
     "LoraTrainerTrain": TrainLora,
     "LoraTrainerSave": SaveLora,
     "LoraTrainerApply": ApplyLora,
+    "LoraTrainerEvalGrid": EvaluationGrid,
 }

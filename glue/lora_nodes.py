@@ -147,6 +147,10 @@ class ApplyLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora, strength) -> io.NodeOutput:
-        strength = finite("Apply LoRA: strength", strength)
-        patched, _ = comfy.sd.load_lora_for_models(model, None, file_tensors(lora), strength, 0)
-        return io.NodeOutput(patched)
+        return io.NodeOutput(with_lora(model, lora, finite("Apply LoRA: strength", strength)))
+
+
+def with_lora(model, lora: TrainedLora, strength: float):
+    """A patched copy of the ModelPatcher: the patches the stock LoraLoader makes from the saved file."""
+    patched, _ = comfy.sd.load_lora_for_models(model, None, file_tensors(lora), strength, 0)
+    return patched

@@ -97,13 +97,12 @@ def _encode(clip, text: str) -> list:
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-class SampleRun:
-    """``train``'s ``sample`` callback: every prompt at the step, through ``comfy.sample`` on the model being
-    trained (its adapters are live in the layers), decoded by the VAE; kept for the progression."""
+class Sampler:
+    """ComfyUI's sampler with the settings' steps, cfg, sampler and schedule and one latent, noise and sigmas, made
+    once: every image starts from the same point, so images differ only by the model and the prompt."""
 
-    def __init__(self, settings: SampleSettings, model, family: Family, resolution: int, folder: str, show):
-        self.settings, self.model, self.folder, self.show = settings, model, folder, show
-        os.makedirs(folder, exist_ok=True)
+    def __init__(self, settings: SampleSettings, model, family: Family, resolution: int, what: str):
+        self.settings = settings
         usual = family.sampling
         self.steps = settings.steps or usual.get("sample_steps", 20)
         self.cfg = settings.cfg or usual.get("cfg", 7.0)
@@ -111,40 +110,50 @@ class SampleRun:
         self.width, self.height = settings.width or resolution, settings.height or resolution
         factor = pixels_per_latent(model.model)
         if self.width % factor or self.height % factor:
-            raise ValueError(f"Training Samples: width and height must be multiples of {factor} for "
-                             f"{family.name}, got {self.width}×{self.height}")
+            raise ValueError(f"{what}: the samples' width and height must be multiples of {factor} for "
+                             f"{family.name}, got {self.width}×{self.height}; change them on Training Samples")
         guidance = usual.get("flux_guidance") if family.guidance is not None else None
         self.positives = [_with_guidance(c, guidance) for c in settings.positives]
         self.negative = _with_guidance(settings.negative, guidance)
-        # the same latent, noise and schedule for every prompt at every sample step
         latent = torch.zeros([1, 4, self.height // factor, self.width // factor])
         self.latent = comfy.sample.fix_empty_latent_channels(model, latent)
         with torch.random.fork_rng(devices=[]):  # prepare_noise seeds the global RNG
             self.noise = comfy.sample.prepare_noise(self.latent, settings.seed)
         self.sigmas = _shifted_sigmas(model, usual.get("sampling_shift"), self.scheduler, self.steps)
-        self.images: dict[int, list[torch.Tensor]] = {}  # step -> [H, W, 3] per prompt
 
-    def __call__(self, step: int) -> None:
-        images = []
-        for index, positive in enumerate(self.positives):
-            image = self._generate(positive)
-            images.append(image)
-            pil = _pil(image)
-            pil.save(os.path.join(self.folder, f"step_{step:06d}_{index + 1}.png"))
-            self.show(pil, step)
-        self.images[step] = images
-
-    def _generate(self, positive) -> torch.Tensor:
+    def __call__(self, model, positive) -> torch.Tensor:
+        """[H, W, 3]: ``positive`` generated with ``model`` (a ModelPatcher) and decoded."""
         s = self.settings
-        samples = comfy.sample.sample(self.model, self.noise, self.steps, self.cfg, s.sampler_name, self.scheduler,
+        samples = comfy.sample.sample(model, self.noise, self.steps, self.cfg, s.sampler_name, self.scheduler,
                                       positive, self.negative, self.latent, sigmas=self.sigmas, disable_pbar=True,
                                       seed=s.seed)
         images = s.vae.decode(samples)
         return images.reshape(-1, *images.shape[-3:])[0].float().cpu()  # a video VAE (Qwen's) adds a frame axis
 
+
+class SampleRun:
+    """``train``'s ``sample`` callback: every prompt at the step, on the model being trained (its adapters are live
+    in the layers); saved, shown, and kept for the progression."""
+
+    def __init__(self, settings: SampleSettings, model, family: Family, resolution: int, folder: str, show):
+        self.model, self.folder, self.show = model, folder, show
+        self.sampler = Sampler(settings, model, family, resolution, "Train LoRA")
+        os.makedirs(folder, exist_ok=True)
+        self.images: dict[int, list[torch.Tensor]] = {}  # step -> [H, W, 3] per prompt
+
+    def __call__(self, step: int) -> None:
+        images = []
+        for index, positive in enumerate(self.sampler.positives):
+            image = self.sampler(self.model, positive)
+            images.append(image)
+            pil = pil_image(image)
+            pil.save(os.path.join(self.folder, f"step_{step:06d}_{index + 1}.png"))
+            self.show(pil, step)
+        self.images[step] = images
+
     def progression(self) -> torch.Tensor:
         """[1, H, W, 3]: a row per sample step, a column per prompt, labelled."""
-        return progression_grid(self.images, self.settings.prompts)
+        return progression_grid(self.images, self.sampler.settings.prompts)
 
 
 def _shifted_sigmas(model, shift: float | None, scheduler: str, steps: int) -> torch.Tensor | None:
@@ -164,7 +173,7 @@ def _with_guidance(conditioning: list, guidance: float | None) -> list:
     return node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
 
 
-def _pil(image: torch.Tensor) -> Image.Image:
+def pil_image(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.clip(image.numpy() * 255.0, 0, 255).astype(np.uint8))
 
 
@@ -177,17 +186,23 @@ def progression_grid(images: dict[int, list[torch.Tensor]], prompts: list[str]) 
         canvas = Image.new("RGB", (480, 120), "white")
         ImageDraw.Draw(canvas).text((12, 50), "no samples: connect Training Samples to Train LoRA", fill="black")
         return image_tensor(canvas)
-    height, width = next(iter(images.values()))[0].shape[:2]
-    columns = len(prompts)
-    canvas = Image.new("RGB", (LABEL_W + columns * width, LABEL_H + len(images) * height), "white")
+    return labelled_grid([("before" if step == 0 else f"step {step}", row) for step, row in sorted(images.items())],
+                         prompts)
+
+
+def labelled_grid(rows: list[tuple[str, list[torch.Tensor]]], columns: list[str]) -> torch.Tensor:
+    """[1, H, W, 3]: each row's [H, W, 3] images side by side, the row's label on its left, the column labels on
+    top."""
+    height, width = rows[0][1][0].shape[:2]
+    canvas = Image.new("RGB", (LABEL_W + len(columns) * width, LABEL_H + len(rows) * height), "white")
     draw = ImageDraw.Draw(canvas)
-    for column, prompt in enumerate(prompts):
-        draw.text((LABEL_W + column * width + 4, 8), _fit(draw, prompt, width - 8), fill="black")
-    for row, (step, row_images) in enumerate(sorted(images.items())):
+    for column, label in enumerate(columns):
+        draw.text((LABEL_W + column * width + 4, 8), _fit(draw, label, width - 8), fill="black")
+    for row, (label, images) in enumerate(rows):
         top = LABEL_H + row * height
-        draw.text((6, top + height // 2 - 6), "before" if step == 0 else f"step {step}", fill="black")
-        for column, image in enumerate(row_images):
-            canvas.paste(_pil(image), (LABEL_W + column * width, top))
+        draw.text((6, top + height // 2 - 6), _fit(draw, label, LABEL_W - 8), fill="black")
+        for column, image in enumerate(images):
+            canvas.paste(pil_image(image), (LABEL_W + column * width, top))
     return image_tensor(canvas)
 
 

@@ -3,4 +3,5 @@
 OURS = {"LoraTrainerLoadDataset": "Load LoRA Dataset", "LoraTrainerCaptionDropout": "Caption Dropout",
         "LoraTrainerEncodeLatentsCache": "Encode Latents Cache", "LoraTrainerSamples": "Training Samples",
         "LoraTrainerTrain": "Train LoRA",
-        "LoraTrainerSave": "Save LoRA", "LoraTrainerApply": "Apply LoRA"}
+        "LoraTrainerSave": "Save LoRA", "LoraTrainerApply": "Apply LoRA",
+        "LoraTrainerEvalGrid": "LoRA Evaluation Grid"}
