@@ -1,43 +1,118 @@
-"""The loss curve as a ComfyUI IMAGE, drawn with PIL (no plotting library needed)."""
+"""The loss curve as a ComfyUI IMAGE, drawn with PIL (no plotting library needed): the raw loss per logging
+interval, its running average as the loop reports it, nice ticks on both axes, and dashed markers at the
+sample and checkpoint steps."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-WIDTH, HEIGHT, MARGIN = 640, 360, 48
+from ..training.loop import EMA_DECAY
+
+WIDTH, HEIGHT = 768, 400
+LEFT, TOP, RIGHT, BOTTOM = 72, 44, WIDTH - 20, HEIGHT - 44  # the plot area inside the axes
+RAW, SMOOTH, SAMPLE, CHECKPOINT = (160, 190, 235), (20, 50, 140), (245, 130, 0), (0, 150, 60)
+GRID, INK = (232, 232, 232), (0, 0, 0)
 
 
-def loss_curve_image(losses: list[tuple[int, float]], title: str = "") -> torch.Tensor:
-    """[1, H, W, 3] float in [0, 1]: loss per logging interval against the step."""
+def smoothed(losses: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The exponential moving average of the interval losses, as training/loop.py reports it."""
+    s, out = None, []
+    for step, v in losses:
+        s = v if s is None else EMA_DECAY * s + (1 - EMA_DECAY) * v
+        out.append((step, s))
+    return out
+
+
+def tick_step(span: float, count: int) -> float:
+    """The 1, 2 or 5 x 10^k spacing that cuts ``span`` into about ``count`` parts."""
+    raw = span / count
+    mag = 10 ** math.floor(math.log10(raw))
+    return next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * (1 - 1e-9))
+
+
+def loss_ticks(values: list[float]) -> list[float]:
+    """The y ticks, first and last enclosing the values; a constant gets a band around it."""
+    lo, hi = min(values), max(values)
+    if hi - lo <= 1e-9 * abs(hi):
+        pad = max(abs(lo) * 0.1, 1e-3)
+        lo, hi = lo - pad, hi + pad
+    step = tick_step(hi - lo, 5)
+    return [i * step for i in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1)]
+
+
+def loss_curve_image(losses: list[tuple[int, float]], title: str = "", total: int | None = None,
+                     sample_steps: Sequence[int] = (), checkpoint_steps: Sequence[int] = ()) -> torch.Tensor:
+    """[1, H, W, 3] float in [0, 1]: loss per logging interval against the step (0..total)."""
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = MARGIN, MARGIN // 2, WIDTH - MARGIN // 2, HEIGHT - MARGIN
-    draw.rectangle((left, top, right, bottom), outline="black")
-    draw.text((left, 4), title or "training loss", fill="black")
-    if losses:
-        steps = [s for s, _ in losses]
-        values = [v for _, v in losses]
-        lo, hi = min(values), max(values)
-        span_x, span_y = max(steps[-1] - steps[0], 1), max(hi - lo, 1e-12)
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    losses = [(step, v) for step, v in losses if math.isfinite(v)]  # a diverged interval has no place to go
+    total = max(total or 0, losses[-1][0] if losses else 0, 1)
+    y_ticks = loss_ticks([v for _, v in losses]) if losses else [0.0, 0.5, 1.0]
+    lo, hi = y_ticks[0], y_ticks[-1]
 
-        def point(step: int, value: float) -> tuple[float, float]:
-            x = left + (step - steps[0]) / span_x * (right - left)
-            return x, bottom - (value - lo) / span_y * (bottom - top)
+    def x_of(step: float) -> int:
+        return round(LEFT + step / total * (RIGHT - LEFT))
 
-        points = [point(s, v) for s, v in losses]
-        if len(points) == 1:
-            draw.ellipse((points[0][0] - 3, points[0][1] - 3, points[0][0] + 3, points[0][1] + 3), fill="blue")
-        else:
-            draw.line(points, fill="blue", width=2)
-        draw.text((4, top), f"{hi:.4f}", fill="black")
-        draw.text((4, bottom - 10), f"{lo:.4f}", fill="black")
-        draw.text((left, bottom + 6), f"step {steps[0]}", fill="black")
-        draw.text((right - 70, bottom + 6), f"step {steps[-1]}", fill="black")
+    def y_of(value: float) -> int:
+        return round(BOTTOM - (value - lo) / (hi - lo) * (BOTTOM - TOP))
+
+    for step in range(0, total + 1, max(1, round(tick_step(total, 8)))):
+        draw.line((x_of(step), TOP, x_of(step), BOTTOM), fill=GRID)
+        label = f"{step:g}"
+        draw.text((x_of(step) - draw.textlength(label, font=font) / 2, BOTTOM + 5), label, fill=INK, font=font)
+    digits = max(0, -math.floor(math.log10(y_ticks[1] - y_ticks[0]) + 1e-9))
+    for value in y_ticks:
+        draw.line((LEFT, y_of(value), RIGHT, y_of(value)), fill=GRID)
+        label = f"{value:.{digits}f}" if digits <= 5 else f"{value:.3g}"
+        draw.text((LEFT - 6 - draw.textlength(label, font=font), y_of(value) - 6), label, fill=INK, font=font)
+    draw.rectangle((LEFT, TOP, RIGHT, BOTTOM), outline=INK)
+    draw.text(((LEFT + RIGHT) / 2 - 10, BOTTOM + 22), "step", fill=INK, font=font)
+    _vertical_text(image, "loss", 8, (TOP + BOTTOM) // 2, font)
+    draw.text((LEFT, 8), title or "training loss", fill=INK, font=font)
+
+    for steps, colour, phase in ((sample_steps, SAMPLE, 0), (checkpoint_steps, CHECKPOINT, 4)):
+        for step in (s for s in steps if 0 <= s <= total):  # dashes 4 on 4 off: both show where they meet
+            for y in range(TOP + 1 + phase, BOTTOM, 8):
+                draw.line((x_of(step), y, x_of(step), min(y + 3, BOTTOM - 1)), fill=colour)
+    legend = [("samples", SAMPLE)] * bool(sample_steps) + [("checkpoints", CHECKPOINT)] * bool(checkpoint_steps)
+    if not losses:
+        draw.text((LEFT + 12, (TOP + BOTTOM) // 2), "no loss recorded yet", fill=INK, font=font)
+        _legend(draw, font, legend)
+        return image_tensor(image)
+    average = smoothed(losses)
+    if len(losses) == 1:
+        x, y = x_of(average[0][0]), y_of(average[0][1])
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=SMOOTH)
     else:
-        draw.text((left + 10, (top + bottom) // 2), "no loss recorded yet", fill="black")
+        draw.line([(x_of(s), y_of(v)) for s, v in losses], fill=RAW, width=1)
+        draw.line([(x_of(s), y_of(v)) for s, v in average], fill=SMOOTH, width=3, joint="curve")
+    (step, last), (_, avg) = losses[-1], average[-1]
+    draw.text((LEFT, 24), f"step {step}: raw {last:.4g} (avg {avg:.4g})", fill=INK, font=font)
+    _legend(draw, font, [("raw", RAW), ("smoothed (running average)", SMOOTH), *legend])
     return image_tensor(image)
+
+
+def _legend(draw: ImageDraw.ImageDraw, font, entries: list[tuple[str, tuple[int, int, int]]]) -> None:
+    """One row above the plot, flush right: a short line of each colour, then its name."""
+    x = RIGHT
+    for name, colour in reversed(entries):
+        x -= draw.textlength(name, font=font)
+        draw.text((x, 24), name, fill=INK, font=font)
+        draw.line((x - 22, 30, x - 4, 30), fill=colour, width=3)
+        x -= 36
+
+
+def _vertical_text(image: Image.Image, text: str, x: int, y: int, font) -> None:
+    """``text`` turned a quarter left, its left edge at ``x`` and its middle at ``y`` (the y axis title)."""
+    mask = Image.new("L", (int(ImageDraw.Draw(image).textlength(text, font=font)) + 2, 16))
+    ImageDraw.Draw(mask).text((1, 1), text, fill=255, font=font)
+    mask = mask.rotate(90, expand=True)
+    image.paste(INK, (x, y - mask.height // 2), mask)
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:
