@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 def _config_input(name: str) -> io.Input:
     """A node input for a TrainConfig setting: its type, default, range or choices and help, from the setting."""
     default, option = TrainConfig.options()[name]
-    common = dict(default=default, tooltip=option.help, optional=name in OPTIONAL)
+    common = dict(default=default, tooltip=option.help)
     if option.choices:
         return io.Combo.Input(name, options=list(option.choices), **common)
     if isinstance(default, bool):
@@ -55,6 +55,21 @@ REQUIRED = ("model", "encoded", "steps", "learning_rate", "rank", "alpha", "targ
 OPTIONAL = ("lr_schedule", "warmup_steps", "grad_accum", "timestep_sampling", "min_snr_gamma", "noise_offset",
             "precision", "flux_guidance", "gradient_checkpointing", "memory_budget_gb", "checkpoint_every", "resume",
             "samples")
+# Options that do nothing for a kind of model; the report names them.
+INERT = {"flow": ("min_snr_gamma", "noise_offset"), "ddpm": ("timestep_sampling",)}
+RANK_DEFAULT = TrainConfig.options()["rank"][0]
+
+
+def _placed(node_input: io.Input) -> io.Input:
+    """Optional inputs with a widget are advanced ones: the 0.33 frontend folds them away until asked for; older
+    ones ignore the flag (their widget inputs take no ``advanced`` argument, hence ``extra_dict``, read by both)."""
+    if node_input.id in OPTIONAL:
+        node_input.optional = True
+        if isinstance(node_input, io.WidgetInput):
+            node_input.extra_dict["advanced"] = True
+    return node_input
+
+
 # The node's own inputs; every other input is a TrainConfig setting of the same name (one definition).
 NODE_INPUTS = {
     "model": io.Model.Input("model", tooltip="The model to train on, e.g. from Load Checkpoint."),
@@ -64,15 +79,18 @@ NODE_INPUTS = {
     "name": io.String.Input("name", default="lora_trainer/my_lora", tooltip="Run name: checkpoints go to "
                             "output/lora_trainer/<name>/, what was trained is kept as models/loras/"
                             "<name>_partial.safetensors until Save LoRA writes it."),
-    "flux_guidance": io.Float.Input("flux_guidance", default=1.0, min=0.0, max=100.0, step=0.1, optional=True,
-                                    tooltip="FLUX.1-dev only: the guidance embedding while training (1.0 as kohya "
-                                    "and ai-toolkit; sample with FluxGuidance as usual)."),
-    "memory_budget_gb": io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True,
+    "alpha": io.Float.Input("alpha", default=float(RANK_DEFAULT), min=0.0, max=1024.0, step=0.5,
+                            tooltip="LoRA alpha: the update is scaled by alpha / rank, so alpha = rank is scale 1. "
+                            "It follows rank while the two are equal; 0 also means alpha = rank."),
+    "flux_guidance": io.Float.Input("flux_guidance", default=1.0, min=0.0, max=100.0, step=0.1,
+                                    tooltip="FLUX.1-dev only (other models ignore it): the guidance embedding while "
+                                    "training (1.0 as kohya and ai-toolkit; sample with FluxGuidance as usual)."),
+    "memory_budget_gb": io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5,
                                        tooltip="GPU memory training may use for weights and the step, in GiB; 0: "
                                        "what the GPU has free. Before the first step, what does not fit turns on "
                                        "gradient checkpointing (when auto), then keeps frozen weights in CPU "
                                        "memory, streamed to the GPU layer by layer."),
-    "resume": io.Boolean.Input("resume", default=False, optional=True,
+    "resume": io.Boolean.Input("resume", default=False,
                                tooltip="Continue from this run name's newest checkpoint."),
     "samples": SAMPLES.Input("samples", optional=True, tooltip="From Training Samples: images made with the LoRA "
                              "as trained so far, every N steps, shown here live."),
@@ -87,7 +105,8 @@ class TrainLora(io.ComfyNode):
             description="Train a LoRA on the MODEL (which is left unchanged) with the cached dataset. Cancel stops "
                         "within a step. What was learned is kept as '<name>_partial' in models/loras until Save LoRA "
                         "has written it, so a Cancel at any moment after the first step keeps it.",
-            inputs=[NODE_INPUTS[name] if name in NODE_INPUTS else _config_input(name) for name in REQUIRED + OPTIONAL],
+            inputs=[_placed(NODE_INPUTS[name] if name in NODE_INPUTS else _config_input(name))
+                    for name in REQUIRED + OPTIONAL],
             outputs=[LORA.Output("lora", display_name="lora"), io.Image.Output("loss_curve", display_name="loss_curve"),
                      io.String.Output("report", display_name="report"),
                      io.Image.Output("progression", display_name="sample progression",
@@ -166,13 +185,22 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
     report = (f"{family.name} LoRA, {result.objective}, rank {config.rank}, {len(lora.layers)} layers, "
               f"{result.steps_done} steps, final loss {last}"
               + (", gradient checkpointing on" if result.gradient_checkpointing else "")
+              + f"; not used by {family.name} ({result.objective}): {', '.join(inert_options(result.objective, family))}"
               + f"; training {result.train_s:.1f} s"
               + (f" ({result.train_s / trained:.3f} s/step)" if trained else "")
               + (f", sampling {result.sampling_s:.1f} s ({len(result.sample_steps)} × {len(samples.prompts)} "
                  "images)" if samples is not None else ""))
     progression = sampler.progression() if sampler is not None else progression_grid({}, [])
-    return io.NodeOutput(lora, loss_curve_image(result.losses, title=f"{name}: loss ({result.objective})"), report,
-                         progression, ui=ui.PreviewText(report))
+    every = config.checkpoint_every
+    chart = loss_curve_image(result.losses, title=f"{name}: loss ({result.objective})", total=config.steps,
+                             sample_steps=result.sample_steps,
+                             checkpoint_steps=range(every, result.steps_done + 1, every) if every else ())
+    return io.NodeOutput(lora, chart, report, progression, ui=ui.PreviewText(report))
+
+
+def inert_options(objective: str, family) -> tuple[str, ...]:
+    """The node's options that do nothing for this model and objective."""
+    return INERT["flow" if objective == "flow" else "ddpm"] + (("flux_guidance",) if family.guidance is None else ())
 
 
 def _check_cache(encoded) -> None:

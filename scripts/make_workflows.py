@@ -32,15 +32,17 @@ def train_then_generate(*, ckpt: str | None = None, unet: str | None = None, cli
                         lr: float, trigger: str, prompt: str, size: int, sample_steps: int, cfg: float, name: str,
                         prefix: str, latent: str = "EmptyLatentImage", scheduler: str = "normal",
                         flux_guidance: float | None = None, sampling_shift: float | None = None,
-                        edit_image: str | None = None, sample_every: int = 250) -> list[tuple]:
+                        edit_image: str | None = None, sample_every: int = 250,
+                        evaluate: bool = False) -> list[tuple]:
     """(id, type, widget values by name, links {input: (source id, slot)}, column, row).
 
     One checkpoint (``ckpt``), or a diffusion model with its text encoder(s) and VAE (``unet``, ``clips``,
     ``vae``) as FLUX and Qwen-Image ship. FLUX's prompt goes through FluxGuidance; Qwen samples with
     ModelSamplingAuraFlow's shift; Qwen-Image-Edit trains on edit pairs and edits ``edit_image``, sent
     through TextEncodeQwenImageEdit as ComfyUI's own workflows do. Training Samples samples the prompt every
-    ``sample_every`` steps while it trains (the edit prompt, with its image, for an edit model)."""
-    train = dict(steps=steps, learning_rate=lr, rank=rank, name=name)  # the rest: the node's defaults
+    ``sample_every`` steps while it trains (the edit prompt, with its image, for an edit model); ``evaluate`` adds
+    LoRA Evaluation Grid at strengths 0, 0.5 and 1 with the same sampling."""
+    train = dict(steps=steps, learning_rate=lr, rank=rank, alpha=float(rank), name=name)  # rest: node defaults
     sampler = dict(seed=42, steps=sample_steps, cfg=cfg, sampler_name="euler", scheduler=scheduler, denoise=1.0)
     edit = edit_image is not None
     if ckpt is not None:
@@ -69,6 +71,10 @@ def train_then_generate(*, ckpt: str | None = None, unet: str | None = None, cli
          {"clip": clip, "vae": vae_out, **({"positive": (9, 0)} if edit else {})}, 2, 0),
         (26, "SaveImage", {"filename_prefix": f"{prefix}/samples"}, {"images": (5, 3)}, 4, 3),
     ]
+    if evaluate:
+        graph += [(27, "LoraTrainerEvalGrid", {"strengths": "0, 0.5, 1.0"},
+                   {"model": model, "lora": (5, 0), "samples": (25, 0)}, 4, 5),
+                  (28, "SaveImage", {"filename_prefix": f"{prefix}/evaluation"}, {"images": (27, 0)}, 5, 5)]
     lora_model, base_model = (8, 0), model
     if sampling_shift is not None:
         graph += [(23, "ModelSamplingAuraFlow", {"shift": sampling_shift}, {"model": (8, 0)}, 5, 1),
@@ -111,7 +117,7 @@ WORKFLOWS = {
     "demo_tiny_sd15": train_then_generate(
         ckpt="tiny_sd15.safetensors", folder="lora_trainer_demo/rings", resolution=256, steps=30, rank=8, lr=1e-3,
         trigger="zkx", prompt="zkx pattern", size=256, sample_steps=4, cfg=4.0, name="lora_trainer/demo_zkx",
-        prefix="lora_trainer_demo", sample_every=10),
+        prefix="lora_trainer_demo", sample_every=10, evaluate=True),
     **{f"{workflow['file']}_train_then_generate": train_then_generate(
         **{**YOURS, **{key: value for key, value in workflow.items() if key != "file"}})
        for workflow in (record["workflow"] for record in family_records().values() if "workflow" in record)},
@@ -123,7 +129,8 @@ TITLES = {1: "Load model", 18: "Load text encoders", 19: "Load VAE", 2: "Load Lo
           26: "Sample progression", 8: "Apply LoRA", 23: "Sampling shift, with LoRA", 24: "Sampling shift, without LoRA",
           21: "Image to edit", 22: "Scale image to edit", 9: "Prompt", 10: "Negative prompt", 11: "Latent",
           20: "Guidance", 12: "Sample with LoRA", 13: "Decode with LoRA", 14: "With LoRA",
-          15: "Sample without LoRA", 16: "Decode without LoRA", 17: "Without LoRA"}
+          15: "Sample without LoRA", 16: "Decode without LoRA", 17: "Without LoRA", 27: "LoRA strengths",
+          28: "Evaluation grid"}
 
 
 def input_specs(cls) -> list[tuple[str, object]]:

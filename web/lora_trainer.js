@@ -117,10 +117,38 @@ api.addEventListener(EVENT, ({ detail }) => {
   app.graph.setDirtyCanvas(true, true);
 });
 
+// Train LoRA's alpha follows rank while the two are equal (alpha = rank is scale 1), until the user sets alpha.
+function alphaFollowsRank(node) {
+  const rank = node.widgets?.find((w) => w.name === "rank");
+  const alpha = node.widgets?.find((w) => w.name === "alpha");
+  if (!rank || !alpha) return;
+  let last = rank.value;
+  const callback = rank.callback;
+  rank.callback = function (value) {
+    if (alpha.value === last) alpha.value = value;
+    last = value;
+    return callback?.apply(this, arguments);
+  };
+  const onConfigure = node.onConfigure;
+  node.onConfigure = function () {
+    const out = onConfigure?.apply(this, arguments);
+    last = rank.value;  // a loaded workflow's values
+    return out;
+  };
+}
+
 app.registerExtension({
   name: "lora_trainer.results",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData.name?.startsWith(PREFIX)) return;
+    if (nodeData.name === "LoraTrainerTrain") {
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        const out = onNodeCreated?.apply(this, arguments);
+        alphaFollowsRank(this);
+        return out;
+      };
+    }
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);

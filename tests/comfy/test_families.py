@@ -83,6 +83,9 @@ def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirel
                                learning_rate=2e-3, rank=8, alpha=0.0, targets="all-linear", objective="auto",
                                batch_size=2, seed=0, name=f"tests/{family}")
     assert lora.config["objective"] == objective, report
+    unused = ("min_snr_gamma", "noise_offset") if objective == "flow" else ("timestep_sampling",)
+    unused += () if lora.family.guidance is not None else ("flux_guidance",)  # FLUX.1-dev's guidance embedding
+    assert f"not used by {lora.family.name} ({objective}): {', '.join(unused)}" in report, report
     if objective == "flow":  # the model's own shift, as the SD3-style factor (FLUX's model_sampling states log s)
         sampling = model.model.model_sampling
         flux = isinstance(sampling, model_sampling.ModelSamplingFlux)

@@ -23,8 +23,8 @@ def _node_inputs(comfy) -> dict:
 def test_the_train_node_inputs_are_train_config_settings(comfy, pack):
     options = pack.training.config.TrainConfig.options()
     inputs = _node_inputs(comfy)
-    shared = [name for name in inputs if name in options]
-    assert len(shared) == 16, shared  # all the node's inputs but model, encoded, targets, name, guidance, resume
+    shared = [name for name in inputs if name in options and name != "alpha"]
+    assert len(shared) == 15, shared  # all but model, encoded, targets, name, alpha, guidance, budget, resume
     for name in shared:
         default, option = options[name]
         kind, spec = inputs[name]
@@ -33,6 +33,17 @@ def test_the_train_node_inputs_are_train_config_settings(comfy, pack):
             assert (kind, spec["options"]) == ("COMBO", list(option.choices)), name
         else:
             assert (spec.get("min"), spec.get("max")) == (option.min, option.max), name
+
+
+def test_one_sets_the_required_inputs_and_the_optional_widgets_are_advanced(comfy, pack):
+    types = comfy.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].INPUT_TYPES()
+    assert not any(spec.get("advanced") for _, spec in types["required"].values())
+    advanced = [name for name, (_, spec) in types["optional"].items() if spec.get("advanced")]
+    assert advanced == [name for name in types["optional"] if name != "samples"]  # samples is a link, no widget
+    assert len(types["required"]) <= 11, list(types["required"])
+    # alpha is explicit: the rank's default, so scale 1 (alpha / rank) as the node comes
+    rank, alpha = types["required"]["rank"][1]["default"], types["required"]["alpha"][1]["default"]
+    assert alpha == rank == pack.training.config.TrainConfig.options()["rank"][0]
 
 
 @pytest.mark.parametrize("workflow", sorted(WORKFLOWS))

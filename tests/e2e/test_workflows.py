@@ -21,6 +21,7 @@ from tests.families import EXPECTED
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 SAMPLES_NODE, PROGRESSION_NODE = "25", "26"
+EVALUATION_NODE, EVALUATION_SAVE_NODE = "27", "28"
 PREVIEW_IMAGE = 1  # ComfyUI's binary websocket event for a preview image (to a client that asks for no metadata)
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json") if not p.stem.endswith("_api"))
 
@@ -127,7 +128,7 @@ def test_the_demo_workflow_runs_through_the_api(comfy_server, comfy_base_dir, ob
     saved = {node: out for node, out in entry["outputs"].items() if out.get("images")}
     prefixes = {graph[node]["inputs"]["filename_prefix"] for node in saved if "filename_prefix" in graph[node]["inputs"]}
     assert prefixes == {"lora_trainer_demo/with_lora", "lora_trainer_demo/without_lora",
-                        "lora_trainer_demo/loss_curve", "lora_trainer_demo/samples"}
+                        "lora_trainer_demo/loss_curve", "lora_trainer_demo/samples", "lora_trainer_demo/evaluation"}
     for out in saved.values():
         image = out["images"][0]
         assert (comfy_base_dir / "output" / image["subfolder"] / image["filename"]).is_file()
@@ -137,6 +138,11 @@ def test_the_demo_workflow_runs_through_the_api(comfy_server, comfy_base_dir, ob
     with Image.open(comfy_base_dir / "output" / progression["subfolder"] / progression["filename"]) as image:
         assert image.height > len(sample_steps) * 256  # a row per sample step, under a label line
     assert entry["outputs"]["6"]["text"] == [LORA_NAME]  # Save LoRA shows the name LoraLoader lists
+    evaluation = entry["outputs"][EVALUATION_NODE]  # its own preview and report, besides the saved grid
+    assert evaluation["images"] and "strengths 0, 0.5, 1" in evaluation["text"][0], evaluation
+    grid = saved[EVALUATION_SAVE_NODE]["images"][0]
+    with Image.open(comfy_base_dir / "output" / grid["subfolder"] / grid["filename"]) as image:
+        assert image.height > 3 * 256  # a row per strength
     assert "final loss" in entry["outputs"][TRAIN_NODE]["text"][0]
     assert (comfy_base_dir / "models" / "loras" / LORA_NAME).is_file()
     listed = requests.get(f"{comfy_server.url}/object_info/LoraLoader", timeout=30).json()
