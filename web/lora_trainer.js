@@ -137,6 +137,30 @@ function alphaFollowsRank(node) {
   };
 }
 
+// The advanced options (inputs the server marks "advanced") fold behind one toggle; a workflow that sets one of
+// them away from its default opens with them shown.
+function foldAdvanced(node, nodeData) {
+  const advanced = node.widgets?.filter((w) => w.options?.advanced) ?? [];
+  if (!advanced.length) return;
+  const toggle = node.addWidget("toggle", "advanced options", false, (on) => show(on),
+    { on: "shown", off: `${advanced.length} folded`, serialize: false });
+  toggle.serialize = false;  // not a value of the node: prompts leave it out; last, so saved values keep their places
+  const show = (on) => {
+    toggle.value = on;
+    for (const w of advanced) w.hidden = !on;
+    node.setSize([node.size[0], node.computeSize()[1]]);
+    app.graph?.setDirtyCanvas(true, true);
+  };
+  show(false);
+  const defaults = { ...(nodeData.input?.optional ?? {}) };
+  const onConfigure = node.onConfigure;
+  node.onConfigure = function () {
+    const out = onConfigure?.apply(this, arguments);
+    show(advanced.some((w) => w.value !== defaults[w.name]?.[1]?.default));
+    return out;
+  };
+}
+
 app.registerExtension({
   name: "lora_trainer.results",
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -146,6 +170,7 @@ app.registerExtension({
       nodeType.prototype.onNodeCreated = function () {
         const out = onNodeCreated?.apply(this, arguments);
         alphaFollowsRank(this);
+        foldAdvanced(this, nodeData);
         return out;
       };
     }

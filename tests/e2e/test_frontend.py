@@ -156,3 +156,51 @@ def test_while_it_trains_the_node_shows_the_live_sample_and_loss_chart_and_save_
     assert page.evaluate(saved) == LORA_NAME
     assert page.evaluate("window.__previews") >= 4
     assert not page.errors, page.errors
+
+
+def test_a_fresh_train_node_folds_its_advanced_options_and_alpha_follows_rank(page):
+    page.evaluate("() => { window.app.graph.clear(); }")
+    state = page.evaluate("""() => {
+        const node = LiteGraph.createNode("LoraTrainerTrain");
+        window.app.graph.add(node);
+        node.pos = [300, 100];
+        const widget = (name) => node.widgets.find((w) => w.name === name);
+        const set = (name, value) => { const w = widget(name); w.value = value; w.callback?.(value); };
+        const state = {advanced: node.widgets.filter((w) => w.options?.advanced).map((w) => w.name),
+                       hidden: node.widgets.filter((w) => w.hidden).map((w) => w.name),
+                       folded: node.computeSize()[1], alpha: [widget("alpha").value]};
+        set("rank", 32); state.alpha.push(widget("alpha").value);  // equal to rank: it follows
+        set("alpha", 8); set("rank", 64); state.alpha.push(widget("alpha").value);  // set by hand: it stays
+        set("advanced options", true);
+        state.shown = node.computeSize()[1];
+        state.still_hidden = node.widgets.filter((w) => w.hidden).length;
+        set("advanced options", false);
+        return state;
+    }""")
+    assert state["alpha"] == [16, 32, 8], state
+    assert {"lr_schedule", "min_snr_gamma", "flux_guidance", "memory_budget_gb", "resume"} <= set(state["advanced"])
+    assert not {"steps", "learning_rate", "rank", "alpha", "name"} & set(state["advanced"]), state
+    assert state["hidden"] == state["advanced"] and state["still_hidden"] == 0, state  # folded, then shown
+    assert state["shown"] > state["folded"] + 10 * len(state["advanced"]), state
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(STAGES / "frontend_train_node.png"))
+
+
+def test_a_saved_workflow_keeps_its_values_and_opens_its_advanced_options_when_one_is_set(page):
+    workflow = json.loads(WORKFLOW.read_text())
+    expected = next(n for n in workflow["nodes"] if n["type"] == "LoraTrainerTrain")["widgets_values"]
+    page.evaluate("async (w) => { await window.app.loadGraphData(w); }", workflow)
+    page.wait_for_timeout(800)
+    state = page.evaluate("""async () => {
+        const train = () => window.app.graph._nodes.find((n) => n.type === "LoraTrainerTrain");
+        const toggle = (node) => node.widgets.find((w) => w.name === "advanced options").value;
+        const state = {opened: toggle(train()), values: train().serialize().widgets_values};
+        const gamma = train().widgets.find((w) => w.name === "min_snr_gamma");
+        gamma.value = 3;
+        await window.app.loadGraphData(window.app.graph.serialize());
+        state.reopened = toggle(train());
+        state.gamma = train().widgets.find((w) => w.name === "min_snr_gamma").value;
+        return state;
+    }""")
+    assert state["values"] == expected, state  # the toggle is not a value: saved workflows are as before
+    assert (state["opened"], state["reopened"], state["gamma"]) == (False, True, 3), state
