@@ -129,9 +129,10 @@ def test_the_demo_workflow_runs_through_the_api(comfy_server, comfy_base_dir, ob
     prefixes = {graph[node]["inputs"]["filename_prefix"] for node in saved if "filename_prefix" in graph[node]["inputs"]}
     assert prefixes == {"lora_trainer_demo/with_lora", "lora_trainer_demo/without_lora",
                         "lora_trainer_demo/loss_curve", "lora_trainer_demo/samples", "lora_trainer_demo/evaluation"}
-    for out in saved.values():
+    for node, out in saved.items():
         image = out["images"][0]
-        assert (comfy_base_dir / "output" / image["subfolder"] / image["filename"]).is_file()
+        assert image["type"] == ("temp" if node == EVALUATION_NODE else "output"), (node, image)  # a preview there
+        assert (comfy_base_dir / image["type"] / image["subfolder"] / image["filename"]).is_file()
     samples_dir = comfy_base_dir / "output" / "lora_trainer" / graph[TRAIN_NODE]["inputs"]["name"] / "samples"
     assert sorted(p.name for p in samples_dir.iterdir()) == [f"step_{s:06d}_1.png" for s in sample_steps]
     progression = saved[PROGRESSION_NODE]["images"][0]
