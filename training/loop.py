@@ -29,6 +29,8 @@ from .optim import make_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
 EMA_DECAY = 0.9  # smoothing of the reported loss, per logging interval
+PROBE_IMAGES, PROBE_DRAWS = 8, 2  # the probe: the run's first training images, each at fixed (noise, timestep) draws
+PROBE_SEED = 0x9E0BE
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,15 @@ class TrainResult:
     train_s: float = 0.0  # time spent training, sampling left out
     sample_steps: list[int] = field(default_factory=list)  # the steps ``sample`` ran after (0: before the first)
     sampling_s: float = 0.0  # time spent in ``sample``
+    probe: list[tuple[int, float]] = field(default_factory=list)  # (step, probe loss): at the first step and the last
+    probe_images: int = 0  # how many training images the probe measures
+
+    @property
+    def probe_drop(self) -> float | None:
+        """How much the probe loss fell over the run, as a fraction of where it started."""
+        if len(self.probe) < 2 or not self.probe[0][1]:
+            return None
+        return 1 - self.probe[-1][1] / self.probe[0][1]
 
     @property
     def objective(self) -> str:
@@ -112,7 +123,7 @@ class BatchStream:
         index = area.index(max(area))
         return self.data.collate([index] * self.batch_size, random.Random(self.seed)).to(self.device, self.dtype)
 
-    def _load(self, position: int) -> Batch:
+    def load(self, position: int) -> Batch:
         rng = random.Random(f"{self.seed}:{position}")
         return self.data.collate(self.indices(position), rng).to(self.device, self.dtype)
 
@@ -121,9 +132,9 @@ class BatchStream:
         if self._next is not None and self._next[0] == position:
             batch = self._next[1].result()
         else:
-            batch = self._load(position)
+            batch = self.load(position)
         self.wait_s += time.perf_counter() - started
-        self._next = (position + 1, self._pool.submit(self._load, position + 1))
+        self._next = (position + 1, self._pool.submit(self.load, position + 1))
         return batch
 
     def close(self) -> None:
@@ -153,6 +164,10 @@ def train(
     ``sample(step)`` runs before the first step of a fresh run, every ``sample_every`` steps and after the last, with
     the adapter as trained so far: the model in eval mode, no gradients, and the RNG state restored afterwards (the
     run stays as it would be without it). Its time is reported apart from the training time.
+
+    ``result.probe`` holds the denoising loss of the run's first training images at fixed noise and timesteps
+    (``probe_loss``), measured before the first step and after the last: the same draws both times, so its fall is
+    what the adapter learned, which the per-step loss (new noise every step) blurs.
     """
     module = denoiser.module
     weight = next(module.parameters())
@@ -205,6 +220,9 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     result = TrainResult(attachment.tensors(), step, False, config, first_step=step)
     good = [p.detach().clone() for p in params]  # last adapter known finite, for the NaN guard
     loss_sum = torch.zeros((), device=device)
+    probes = _probe_batches(stream)
+    result.probe_images = sum(batch.latents.shape[0] for batch in probes)
+    result.probe.append((step, probe_loss(config, denoiser, objective, probes)))  # not in the training time
     interval_steps, interval_start, started = 0, time.perf_counter(), time.perf_counter()
     it_per_s = 0.0
     try:
@@ -291,6 +309,11 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     result.data_wait_s = stream.wait_s
     result.gradient_checkpointing = checkpointing
     result.train_s = time.perf_counter() - started - result.sampling_s
+    if step > result.first_step and not result.cancelled:
+        try:
+            result.probe.append((step, probe_loss(config, denoiser, objective, probes)))
+        except interrupts:  # Cancel while measuring: the trained adapter is kept, the measurement dropped
+            result.cancelled = True
     log.info("trained %d steps in %.1fs; waited %.1f%% of the time for data", step - result.first_step, result.train_s,
              100 * stream.wait_s / max(result.train_s, 1e-9))
     return result
@@ -323,23 +346,51 @@ class Sampling:
         return took
 
 
+def _probe_batches(stream: BatchStream) -> list[Batch]:
+    """The first epoch's first batches, up to PROBE_IMAGES images: what the probe measures."""
+    batches, images = [], 0
+    for position in range(stream.per_epoch):
+        if images >= PROBE_IMAGES:
+            break
+        batches.append(stream.load(position))
+        images += batches[-1].latents.shape[0]
+    return batches
+
+
+def probe_loss(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
+               batches: Sequence[Batch], draws: int = PROBE_DRAWS) -> float:
+    """The mean weighted denoising loss of ``batches`` at ``draws`` (noise, timestep) draws each, the same draws on
+    every call: the model in eval mode (no LoRA dropout), no gradients."""
+    module = denoiser.module
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            losses = [_loss(config, denoiser, objective, batch, PROBE_SEED + 1000 * index + draw)
+                      for index, batch in enumerate(batches) for draw in range(draws)]
+    finally:
+        module.train(was_training)
+    return torch.stack(losses).mean().item()
+
+
 def _accumulate_gradients(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
                           stream: BatchStream, position: int, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
     """Forward + backward of ``grad_accum`` micro-batches from ``position`` on; returns their summed loss."""
     total = 0.0
     for micro in range(position, position + config.grad_accum):
-        loss = _loss(config, denoiser, objective, stream.get(micro), micro) / config.grad_accum
+        loss = _loss(config, denoiser, objective, stream.get(micro), config.seed * 1_000_003 + micro)
+        loss = loss / config.grad_accum
         (scaler.scale(loss) if scaler else loss).backward()
         total = total + loss.detach()
     return total
 
 
 def _loss(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective, batch: Batch,
-          micro: int) -> torch.Tensor:
-    """The weighted denoising loss of micro-batch number ``micro`` (its noise and timesteps follow the seed)."""
+          seed: int) -> torch.Tensor:
+    """The weighted denoising loss of ``batch`` at the noise and timesteps that ``seed`` draws."""
     device = batch.latents.device
     autocast_dtype = None if config.precision == "fp32" else DTYPES[config.precision]
-    generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + micro)
+    generator = torch.Generator(device).manual_seed(seed)
     x0 = batch.latents.float()
     noise = objective.sample_noise(x0, generator)
     noised = objective.make(x0, noise, objective.sample_timesteps(x0, generator))
@@ -370,7 +421,8 @@ def _fit_memory(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjectiv
 
     def needs() -> int:
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):  # dropout draws
-            return saved_bytes(lambda: _loss(config, denoiser, objective, batch, position), resident) * 9 // 8
+            return saved_bytes(lambda: _loss(config, denoiser, objective, batch, config.seed * 1_000_003 + position),
+                               resident) * 9 // 8
 
     need = needs()
     log.info("a step keeps %.0f MiB for its backward pass; %.0f MiB free", need / 2**20, free / 2**20)

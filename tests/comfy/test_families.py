@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -52,20 +53,13 @@ def _encoded(comfy, family: str):
 
 
 def _probe_loss(pack, model, batch, config, guidance):
-    """Denoising loss at fixed (noise, σ) probes, with ``model`` loaded (and patched) the way ComfyUI does."""
+    """The engine's probe loss (4 fixed draws) with ``model`` loaded (and patched) the way ComfyUI does."""
     from comfy import model_management as mm
 
     mm.load_models_gpu([model], force_full_load=True)
     denoiser = pack.glue.bridge.ComfyDenoiser(model, guidance=guidance)
-    objective = pack.training.loop.objective_for(config)
-    g = torch.Generator().manual_seed(1234)
-    total = 0.0
-    with torch.no_grad():
-        x0 = model.model.process_latent_in(batch.latents)
-        for _ in range(4):
-            noised = objective.make(x0, torch.randn(x0.shape, generator=g), objective.sample_timesteps(x0, g))
-            total += pack.training.objectives.weighted_mse(denoiser(noised.noisy, noised.timestep, batch.cond), noised).item()
-    return total / 4
+    batch = pack.training.batching.Batch(model.model.process_latent_in(batch.latents), batch.cond)
+    return pack.training.loop.probe_loss(config, denoiser, pack.training.loop.objective_for(config), [batch], draws=4)
 
 
 @pytest.mark.parametrize("family", list(TINY))
@@ -86,6 +80,9 @@ def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirel
     unused = ("min_snr_gamma", "noise_offset") if objective == "flow" else ("timestep_sampling",)
     unused += () if lora.family.guidance is not None else ("flux_guidance",)  # FLUX.1-dev's guidance embedding
     assert f"not used by {lora.family.name} ({objective}): {', '.join(unused)}" in report, report
+    probe = re.search(r"probe loss ([\d.]+) -> ([\d.]+) \(-\d+%: 4 training images at fixed noise, steps 0 and "
+                      rf"{STEPS}\)", report)
+    assert probe and float(probe[2]) < 0.9 * float(probe[1]), report  # the run's own probe saw it learn
     if objective == "flow":  # the model's own shift, as the SD3-style factor (FLUX's model_sampling states log s)
         sampling = model.model.model_sampling
         flux = isinstance(sampling, model_sampling.ModelSamplingFlux)

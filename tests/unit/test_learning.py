@@ -16,9 +16,8 @@ from tests.unit.tiny_models import LATENT_CHANNELS, tiny_cond, tiny_flux, tiny_q
 from training.batching import InMemoryData
 from training.config import TrainConfig
 from training.diffusers_denoisers import FluxDenoiser, QwenImageDenoiser, UNetDenoiser
-from training.loop import objective_for, train
+from training.loop import objective_for, probe_loss, train
 from training.lora import LoraAttachment
-from training.objectives import weighted_mse
 
 # The tiny models have few attention layers, so the adapters also go on the MLPs (and the UNet's convs).
 UNET_TARGETS = r".*(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|conv1|conv2|ff\.net\.0\.proj|ff\.net\.2)$"
@@ -38,19 +37,9 @@ def _pairs(family, count, seed, detail=4):
     return [latents[i] for i in range(count)], [{k: v[i] for k, v in cond.items()} for i in range(count)]
 
 
-def _probe_loss(denoiser, objective, latents, conds, repeats=4):
-    g = torch.Generator().manual_seed(1234)
-    data = InMemoryData(latents, conds)
-    batch = data.collate(list(range(len(latents))), None)
-    total = 0.0
-    with torch.no_grad():
-        for _ in range(repeats):
-            x0 = batch.latents
-            noise = torch.randn(x0.shape, generator=g)
-            timestep = objective.sample_timesteps(x0, g)
-            noised = objective.make(x0, noise, timestep)
-            total += weighted_mse(denoiser(noised.noisy, noised.timestep, batch.cond), noised).item()
-    return total / repeats
+def _probe_loss(denoiser, objective, latents, conds):
+    batch = InMemoryData(latents, conds).collate(list(range(len(latents))), None)
+    return probe_loss(TrainConfig(precision="fp32"), denoiser, objective, [batch], draws=4)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -75,6 +64,8 @@ def test_200_steps_lower_the_probe_loss_on_training_images_more_than_held_out(fa
           f"held-out {before_held:.4f} -> {after_held:.4f} ({held_drop:.0%})")
     assert train_drop >= 0.30
     assert held_drop < train_drop
+    # the run's own probe (its first batches, fixed draws) saw the same fall
+    assert [step for step, _ in result.probe] == [0, 200] and result.probe_drop >= 0.30, result.probe
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

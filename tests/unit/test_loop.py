@@ -39,6 +39,11 @@ def test_killed_at_50_and_resumed_equals_an_uninterrupted_100(tmp_path, schedule
     assert resumed.steps_done == 100
     assert _max_diff(resumed.lora, whole.lora) <= 1e-6
     assert _max_diff(first.lora, whole.lora) > 1e-3  # the comparison is not vacuous
+    # the probe: the same draws on every run, measured where a run starts and where it ends (a cancelled run: only
+    # where it started)
+    assert first.probe == whole.probe[:1] and [s for s, _ in whole.probe] == [0, 100]
+    assert [s for s, _ in resumed.probe] == [50, 100] and resumed.probe[-1][1] == pytest.approx(whole.probe[-1][1])
+    assert whole.probe_drop > 0.1, whole.probe
 
 
 def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
@@ -85,7 +90,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_adapter():
 
     class Exploding(ToyDenoiser):
         def __call__(self, noisy, timestep, cond):
-            calls.append(1)
+            calls.extend([1] * torch.is_grad_enabled())  # training steps only, not the probe
             out = original_call(noisy, timestep, cond)
             return out * float("nan") if len(calls) > 7 else out
 
@@ -149,7 +154,7 @@ def test_an_interrupt_raised_mid_step_keeps_the_last_completed_step():
 
     class Interrupting(ToyDenoiser):
         def __call__(self, noisy, timestep, cond):
-            calls.append(1)
+            calls.extend([1] * torch.is_grad_enabled())  # training steps only, not the probe
             if len(calls) == 8:  # the 8th forward: step 8 never completes
                 raise HostInterrupt()
             return super().__call__(noisy, timestep, cond)
@@ -167,7 +172,8 @@ def test_an_interrupt_raised_mid_step_keeps_the_last_completed_step():
 
 
 class MemoryHungry(ToyDenoiser):
-    """Runs out of memory on its 3rd forward unless gradient checkpointing is on, like a GPU that is too small."""
+    """Runs out of memory on its 3rd training forward unless gradient checkpointing is on, like a GPU that is too
+    small (the probe's forwards, without gradients, fit)."""
 
     def __init__(self):
         super().__init__()
@@ -177,7 +183,7 @@ class MemoryHungry(ToyDenoiser):
         self.checkpointing.append(enabled)
 
     def __call__(self, noisy, timestep, cond):
-        self.forwards += 1
+        self.forwards += torch.is_grad_enabled()
         if self.forwards == 3 and not self.checkpointing[-1]:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return super().__call__(noisy, timestep, cond)
