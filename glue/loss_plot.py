@@ -1,6 +1,6 @@
 """The loss curve as a ComfyUI IMAGE, drawn with PIL (no plotting library needed): the raw loss per logging
-interval, its running average as the loop reports it, nice ticks on both axes, and dashed markers at the
-sample and checkpoint steps."""
+interval, its running average as the loop reports it, the probe loss (fixed noise, so its fall is what the LoRA
+learned) where it was measured, nice ticks on both axes, and dashed markers at the sample and checkpoint steps."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ..training.loop import EMA_DECAY
 WIDTH, HEIGHT = 768, 400
 LEFT, TOP, RIGHT, BOTTOM = 72, 44, WIDTH - 20, HEIGHT - 44  # the plot area inside the axes
 RAW, SMOOTH, SAMPLE, CHECKPOINT = (160, 190, 235), (20, 50, 140), (245, 130, 0), (0, 150, 60)
-GRID, INK = (232, 232, 232), (0, 0, 0)
+PROBE, GRID, INK = (170, 0, 170), (232, 232, 232), (0, 0, 0)
 
 
 def smoothed(losses: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -46,13 +46,17 @@ def loss_ticks(values: list[float]) -> list[float]:
 
 
 def loss_curve_image(losses: list[tuple[int, float]], title: str = "", total: int | None = None,
-                     sample_steps: Sequence[int] = (), checkpoint_steps: Sequence[int] = ()) -> torch.Tensor:
-    """[1, H, W, 3] float in [0, 1]: loss per logging interval against the step (0..total)."""
+                     sample_steps: Sequence[int] = (), checkpoint_steps: Sequence[int] = (),
+                     probe: Sequence[tuple[int, float]] = ()) -> torch.Tensor:
+    """[1, H, W, 3] float in [0, 1]: loss per logging interval against the step (0..total), and the probe loss
+    (``TrainResult.probe``) as labelled diamonds joined by a dashed line."""
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     losses = [(step, v) for step, v in losses if math.isfinite(v)]  # a diverged interval has no place to go
-    total = max(total or 0, losses[-1][0] if losses else 0, 1)
-    y_ticks = loss_ticks([v for _, v in losses]) if losses else [0.0, 0.5, 1.0]
+    probe = [(step, v) for step, v in probe if math.isfinite(v)]
+    total = max(total or 0, losses[-1][0] if losses else 0, probe[-1][0] if probe else 0, 1)
+    values = [v for _, v in losses + probe]
+    y_ticks = loss_ticks(values) if values else [0.0, 0.5, 1.0]
     lo, hi = y_ticks[0], y_ticks[-1]
 
     def x_of(step: float) -> int:
@@ -80,6 +84,13 @@ def loss_curve_image(losses: list[tuple[int, float]], title: str = "", total: in
             for y in range(TOP + 1 + phase, BOTTOM, 8):
                 draw.line((x_of(step), y, x_of(step), min(y + 3, BOTTOM - 1)), fill=colour)
     legend = [("samples", SAMPLE)] * bool(sample_steps) + [("checkpoints", CHECKPOINT)] * bool(checkpoint_steps)
+    if probe:
+        _draw_probe(draw, font, [(x_of(s), y_of(v), v) for s, v in probe])
+        legend.append(("probe (fixed noise)", PROBE))
+    if len(probe) >= 2 and probe[0][1]:
+        (first_step, first), (last_step, last) = probe[0], probe[-1]
+        summary = f"probe loss, step {first_step} -> {last_step}: {first:.4g} -> {last:.4g} ({last / first - 1:+.0%})"
+        draw.text((RIGHT - draw.textlength(summary, font=font), 8), summary, fill=PROBE, font=font)
     if not losses:
         draw.text((LEFT + 12, (TOP + BOTTOM) // 2), "no loss recorded yet", fill=INK, font=font)
         _legend(draw, font, legend)
@@ -95,6 +106,22 @@ def loss_curve_image(losses: list[tuple[int, float]], title: str = "", total: in
     draw.text((LEFT, 24), f"step {step}: raw {last:.4g} (avg {avg:.4g})", fill=INK, font=font)
     _legend(draw, font, [("raw", RAW), ("smoothed (running average)", SMOOTH), *legend])
     return image_tensor(image)
+
+
+def _draw_probe(draw: ImageDraw.ImageDraw, font, points: list[tuple[int, int, float]]) -> None:
+    """Diamonds at the probe's points, a dashed line between them, each value written beside its diamond."""
+    for (x0, y0, _), (x1, y1, _) in zip(points, points[1:]):
+        length = max(math.hypot(x1 - x0, y1 - y0), 1)
+        for start in range(0, int(length), 10):
+            a, b = start / length, min(start + 6, length) / length
+            draw.line((x0 + a * (x1 - x0), y0 + a * (y1 - y0), x0 + b * (x1 - x0), y0 + b * (y1 - y0)),
+                      fill=PROBE, width=2)
+    for index, (x, y, value) in enumerate(points):
+        draw.polygon([(x, y - 6), (x + 6, y), (x, y + 6), (x - 6, y)], fill=PROBE)
+        label = f"{value:.4g}"
+        width = draw.textlength(label, font=font)
+        left = x + 9 if index < len(points) - 1 or x + 9 + width <= RIGHT else x - 9 - width  # the last: inside
+        draw.text((left, y - 14), label, fill=PROBE, font=font)
 
 
 def _legend(draw: ImageDraw.ImageDraw, font, entries: list[tuple[str, tuple[int, int, int]]]) -> None:

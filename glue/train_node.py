@@ -185,6 +185,9 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
     report = (f"{family.name} LoRA, {result.objective}, rank {config.rank}, {len(lora.layers)} layers, "
               f"{result.steps_done} steps, final loss {last}"
               + (", gradient checkpointing on" if result.gradient_checkpointing else "")
+              + (f"; probe loss {result.probe[0][1]:.4f} -> {result.probe[-1][1]:.4f} ({-result.probe_drop:+.0%}: "
+                 f"{result.probe_images} training images at fixed noise, steps {result.probe[0][0]} and "
+                 f"{result.probe[-1][0]})" if result.probe_drop is not None else "")
               + f"; not used by {family.name} ({result.objective}): {', '.join(inert_options(result.objective, family))}"
               + f"; training {result.train_s:.1f} s"
               + (f" ({result.train_s / trained:.3f} s/step)" if trained else "")
@@ -194,7 +197,8 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
     every = config.checkpoint_every
     chart = loss_curve_image(result.losses, title=f"{name}: loss ({result.objective})", total=config.steps,
                              sample_steps=result.sample_steps,
-                             checkpoint_steps=range(every, result.steps_done + 1, every) if every else ())
+                             checkpoint_steps=range(every, result.steps_done + 1, every) if every else (),
+                             probe=result.probe)
     return io.NodeOutput(lora, chart, report, progression, ui=ui.PreviewText(report))
 
 

@@ -103,3 +103,29 @@ def test_every_input_gives_a_chart(plot, losses):
     if len({v for _, v in finite}) == 1:  # a flat line (or a dot) in the middle, not on the frame
         assert ys.max() - ys.min() <= 6
         assert abs(ys.mean() - (plot.TOP + plot.BOTTOM) / 2) < (plot.BOTTOM - plot.TOP) / 4
+
+
+def test_the_probe_is_drawn_at_its_steps_and_values_and_summarised(plot):
+    losses = _decreasing()  # 0.09 .. 0.19
+    probe = [(0, 0.23), (300, 0.1)]  # above the losses: the y range grows to hold it
+    image = plot.loss_curve_image(losses, total=300, probe=probe)
+    ys, xs = _where(plot, image, plot.PROBE)
+    ticks = plot.loss_ticks([v for _, v in losses] + [0.23, 0.1])
+
+    def y_of(value):
+        return round(plot.BOTTOM - (value - ticks[0]) / (ticks[-1] - ticks[0]) * (plot.BOTTOM - plot.TOP))
+
+    for step, value in probe:  # a diamond centred on each point
+        x = _x_of(plot, step, 300)
+        near = np.abs(xs - x) <= 6
+        assert near.sum() > 20 and abs(ys[near & (np.abs(xs - x) <= 1)].mean() - y_of(value)) <= 2
+    between = (xs > _x_of(plot, 0, 300) + 10) & (xs < _x_of(plot, 300, 300) - 10)
+    assert between.any()  # the dashed line joins them
+    assert ys[between].min() >= y_of(0.23) - 4 and ys[between].max() <= y_of(0.1) + 4
+    summary = np.all(_pixels(image)[: plot.TOP] == plot.PROBE, axis=-1)
+    assert summary.any()  # the "probe loss ... -> ..." line and the legend sit above the plot
+    plain = plot.loss_curve_image(losses, total=300)
+    assert not np.all(_pixels(plain) == plot.PROBE, axis=-1).any()
+    single = plot.loss_curve_image(losses, total=300, probe=[(0, 0.23)])  # a cancelled run: one diamond, no line
+    ys, xs = _where(plot, single, plot.PROBE)
+    assert len(xs) > 0 and xs.max() - xs.min() <= 12 + 40  # the diamond and its label only
