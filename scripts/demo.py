@@ -8,13 +8,14 @@ $COMFY_HOSTS says otherwise) on 127.0.0.1 with that base folder, in its own venv
 requirements and the pack's requirements.txt, queues
 workflows/demo_tiny_sd15_api.json through POST /prompt, streams the progress, loads the new LoRA in the
 stock LoraLoader (no "lora key not loaded" allowed) and prints where the LoRA, the images with and without
-it, and the loss curve are.
+it, and the loss curve are, and how far the probe loss fell (the images are colour noise: the VAE is random).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import struct
 import sys
 import time
@@ -143,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     for node, out in sorted(entry["outputs"].items(), key=lambda item: int(item[0])):
         label = Path(graph[node]["inputs"].get("filename_prefix", node)).name
         for image in out.get("images", []):
-            print(f"{label}: {output / image['subfolder'] / image['filename']}")
+            if image["type"] == "output":  # not the nodes' previews (temp/)
+                print(f"{label}: {output / image['subfolder'] / image['filename']}")
+    probe = re.search(r"probe loss [^;]*", entry["outputs"][TRAIN_NODE]["text"][0])
+    if probe:  # the images cannot show it: the tiny checkpoint's VAE has random weights, so they are colour noise
+        print(f"what the LoRA learned: {probe[0]}; the loss curve draws it")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +145,10 @@ def test_the_demo_workflow_runs_through_the_api(comfy_server, comfy_base_dir, ob
     grid = saved[EVALUATION_SAVE_NODE]["images"][0]
     with Image.open(comfy_base_dir / "output" / grid["subfolder"] / grid["filename"]) as image:
         assert image.height > 3 * 256  # a row per strength
-    assert "final loss" in entry["outputs"][TRAIN_NODE]["text"][0]
+    report = entry["outputs"][TRAIN_NODE]["text"][0]
+    probe = re.search(rf"probe loss ([\d.]+) -> ([\d.]+) \(-\d+%: 4 training images at fixed noise, steps 0 and "
+                      rf"{steps}\)", report)
+    assert "final loss" in report and probe and float(probe[2]) < float(probe[1]), report  # what the demo learned
     assert (comfy_base_dir / "models" / "loras" / LORA_NAME).is_file()
     listed = requests.get(f"{comfy_server.url}/object_info/LoraLoader", timeout=30).json()
     assert LORA_NAME in listed["LoraLoader"]["input"]["required"]["lora_name"][0]
