@@ -5,6 +5,7 @@ the run ends: finished, failed or cancelled. A host without the flag (0.3.75) is
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.comfy.conftest import run_node
 from tests.comfy.test_train_nodes import TRAIN, _encoded
@@ -14,20 +15,25 @@ UNSET = object()
 
 @pytest.fixture
 def seen(sd15):
-    """The value of ComfyUI's training flag at every forward pass of the diffusion model; ``seen.fail_at``
-    makes that forward raise, ``seen.cancel_at`` presses Cancel there."""
+    """The value of ComfyUI's training flag at every forward pass of the diffusion model, the probe's included;
+    ``seen.steps`` counts the training forwards (with gradients), ``seen.fail_at`` makes that training forward
+    raise, ``seen.cancel_at`` presses Cancel there."""
     from comfy import model_management as mm
 
     class Seen(list):
         fail_at = cancel_at = None
+        steps = 0
 
     values = Seen()
 
     def record(module, args):
         values.append(getattr(mm, "in_training", UNSET))
-        if len(values) == values.fail_at:
+        values.steps += torch.is_grad_enabled()
+        if not torch.is_grad_enabled():
+            return
+        if values.steps == values.fail_at:
             raise RuntimeError("a layer failed")
-        if len(values) == values.cancel_at:
+        if values.steps == values.cancel_at:
             mm.interrupt_current_processing(True)
             mm.throw_exception_if_processing_interrupted()
 
@@ -47,7 +53,7 @@ def test_training_runs_in_comfyuis_training_mode_where_the_host_has_one(comfy, s
     before = _flag()
     encoded, _ = _encoded(comfy, sd15, demo_folder)
     run_node(comfy, "LoraTrainerTrain", model=sd15[0], encoded=encoded, **TRAIN)
-    assert len(seen) == TRAIN["steps"]
+    assert seen.steps == TRAIN["steps"] and len(seen) > seen.steps  # and the probe's forwards, before and after
     assert set(seen) == ({UNSET} if before is UNSET else {True})
     assert before in (UNSET, False) and _flag() is before
 
@@ -62,5 +68,5 @@ def test_the_training_flag_is_restored_when_a_run_fails_or_is_cancelled(comfy, s
     expected = RuntimeError if ending == "fail_at" else mm.InterruptProcessingException
     with pytest.raises(expected):
         run_node(comfy, "LoraTrainerTrain", model=sd15[0], encoded=encoded, **{**TRAIN, "name": f"tests/{ending}"})
-    assert len(seen) == 3 and set(seen) == ({UNSET} if before is UNSET else {True})
+    assert seen.steps == 3 and set(seen) == ({UNSET} if before is UNSET else {True})
     assert _flag() is before
