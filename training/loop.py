@@ -222,7 +222,7 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     loss_sum = torch.zeros((), device=device)
     probes = _probe_batches(stream)
     result.probe_images = sum(batch.latents.shape[0] for batch in probes)
-    result.probe.append((step, probe_loss(config, denoiser, objective, probes)))  # not in the training time
+    result.probe.append((step, probe_loss(config, denoiser, objective, probes, device=device)))  # not in train_s
     interval_steps, interval_start, started = 0, time.perf_counter(), time.perf_counter()
     it_per_s = 0.0
     try:
@@ -311,7 +311,7 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     result.train_s = time.perf_counter() - started - result.sampling_s
     if step > result.first_step and not result.cancelled:
         try:
-            result.probe.append((step, probe_loss(config, denoiser, objective, probes)))
+            result.probe.append((step, probe_loss(config, denoiser, objective, probes, device=device)))
         except interrupts:  # Cancel while measuring: the trained adapter is kept, the measurement dropped
             result.cancelled = True
     log.info("trained %d steps in %.1fs; waited %.1f%% of the time for data", step - result.first_step, result.train_s,
@@ -347,26 +347,29 @@ class Sampling:
 
 
 def _probe_batches(stream: BatchStream) -> list[Batch]:
-    """The first epoch's first batches, up to PROBE_IMAGES images: what the probe measures."""
+    """The first epoch's first batches, up to PROBE_IMAGES images: what the probe measures. They wait in CPU memory
+    (text conditioning can be megabytes an image), not on the device the training needs."""
     batches, images = [], 0
     for position in range(stream.per_epoch):
         if images >= PROBE_IMAGES:
             break
-        batches.append(stream.load(position))
+        batches.append(stream.load(position).to(torch.device("cpu")))
         images += batches[-1].latents.shape[0]
     return batches
 
 
 def probe_loss(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
-               batches: Sequence[Batch], draws: int = PROBE_DRAWS) -> float:
-    """The mean weighted denoising loss of ``batches`` at ``draws`` (noise, timestep) draws each, the same draws on
-    every call: the model in eval mode (no LoRA dropout), no gradients."""
+               batches: Sequence[Batch], draws: int = PROBE_DRAWS, device: torch.device | None = None) -> float:
+    """The mean weighted denoising loss of ``batches`` (moved to ``device`` one at a time, if given) at ``draws``
+    (noise, timestep) draws each, the same draws on every call: the model in eval mode (no LoRA dropout), no
+    gradients."""
     module = denoiser.module
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
-            losses = [_loss(config, denoiser, objective, batch, PROBE_SEED + 1000 * index + draw)
+            losses = [_loss(config, denoiser, objective, batch if device is None else batch.to(device),
+                            PROBE_SEED + 1000 * index + draw).cpu()
                       for index, batch in enumerate(batches) for draw in range(draws)]
     finally:
         module.train(was_training)
