@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from scripts.comfy_inproc import load_comfy, loaded_pack, run_node
 from scripts.make_demo_assets import make_demo_dataset
@@ -21,7 +22,7 @@ __all__ = ["run_node"]
 def comfy(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """ComfyUI's ``nodes`` module with this pack registered; its folders under tmp (``nodes.base``)."""
     base = tmp_path_factory.mktemp("comfy_inproc")
-    nodes = load_comfy(comfy_root, base)
+    nodes = load_comfy(comfy_root, base, cpu=not torch.cuda.is_available())  # bench/gpu.sh runs them on CUDA
     nodes.base = base
     return nodes
 
