@@ -123,18 +123,21 @@ class BatchStream:
         index = area.index(max(area))
         return self.data.collate([index] * self.batch_size, random.Random(self.seed)).to(self.device, self.dtype)
 
-    def load(self, position: int) -> Batch:
-        rng = random.Random(f"{self.seed}:{position}")
-        return self.data.collate(self.indices(position), rng).to(self.device, self.dtype)
+    def collated(self, position: int) -> Batch:
+        """Micro-batch ``position`` where the data keeps it (CPU memory)."""
+        return self.data.collate(self.indices(position), random.Random(f"{self.seed}:{position}"))
+
+    def _load(self, position: int) -> Batch:
+        return self.collated(position).to(self.device, self.dtype)
 
     def get(self, position: int) -> Batch:
         started = time.perf_counter()
         if self._next is not None and self._next[0] == position:
             batch = self._next[1].result()
         else:
-            batch = self.load(position)
+            batch = self._load(position)
         self.wait_s += time.perf_counter() - started
-        self._next = (position + 1, self._pool.submit(self.load, position + 1))
+        self._next = (position + 1, self._pool.submit(self._load, position + 1))
         return batch
 
     def close(self) -> None:
@@ -353,7 +356,7 @@ def _probe_batches(stream: BatchStream) -> list[Batch]:
     for position in range(stream.per_epoch):
         if images >= PROBE_IMAGES:
             break
-        batches.append(stream.load(position).to(torch.device("cpu")))
+        batches.append(stream.collated(position))
         images += batches[-1].latents.shape[0]
     return batches
 
@@ -369,7 +372,7 @@ def probe_loss(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective
     try:
         with torch.no_grad():
             losses = [_loss(config, denoiser, objective, batch if device is None else batch.to(device),
-                            PROBE_SEED + 1000 * index + draw).cpu()
+                            PROBE_SEED + 1000 * index + draw)
                       for index, batch in enumerate(batches) for draw in range(draws)]
     finally:
         module.train(was_training)
@@ -381,11 +384,15 @@ def _accumulate_gradients(config: TrainConfig, denoiser: Denoiser, objective: DD
     """Forward + backward of ``grad_accum`` micro-batches from ``position`` on; returns their summed loss."""
     total = 0.0
     for micro in range(position, position + config.grad_accum):
-        loss = _loss(config, denoiser, objective, stream.get(micro), config.seed * 1_000_003 + micro)
-        loss = loss / config.grad_accum
+        loss = _loss(config, denoiser, objective, stream.get(micro), _micro_seed(config, micro)) / config.grad_accum
         (scaler.scale(loss) if scaler else loss).backward()
         total = total + loss.detach()
     return total
+
+
+def _micro_seed(config: TrainConfig, micro: int) -> int:
+    """The seed of micro-batch number ``micro``'s noise and timesteps: the run's seed decides them all."""
+    return config.seed * 1_000_003 + micro
 
 
 def _loss(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective, batch: Batch,
@@ -424,7 +431,7 @@ def _fit_memory(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjectiv
 
     def needs() -> int:
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):  # dropout draws
-            return saved_bytes(lambda: _loss(config, denoiser, objective, batch, config.seed * 1_000_003 + position),
+            return saved_bytes(lambda: _loss(config, denoiser, objective, batch, _micro_seed(config, position)),
                                resident) * 9 // 8
 
     need = needs()
