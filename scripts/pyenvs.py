@@ -3,7 +3,8 @@
 - **The torch layer** (``.comfyui/torch-<version>/``): torch, torchvision and torchaudio, installed once with
   ``pip --target`` and put on the path of every venv below by a ``.pth`` file: 5.5 GB once instead of once per
   venv. pip counts what a ``.pth`` file puts on the path as installed, and never uninstalls it.
-- **The dev venv** (``.venv``): the pack's ``requirements.txt`` and ``requirements-dev.txt``; lint, the engine
+- **The dev venv** (``.venv``): the pack's ``requirements.txt``, ``requirements-dev.txt`` and
+  ``requirements-optimizers.txt`` (the optional optimizers, which the engine tests train with); lint, the engine
   tests (no ComfyUI) and the test runner.
 - **One host venv per ComfyUI** (``.comfyui/<host>/venv``): that ComfyUI's ``requirements.txt`` plus the pack's
   ``requirements.txt``, nothing else: what a user's ComfyUI Python holds after ComfyUI-Manager installed the
@@ -41,6 +42,7 @@ ENVS = REPO_ROOT / ".comfyui"
 DEV_VENV = REPO_ROOT / ".venv"
 PACK_REQUIREMENTS = REPO_ROOT / "requirements.txt"
 DEV_REQUIREMENTS = REPO_ROOT / "requirements-dev.txt"
+OPTIMIZER_REQUIREMENTS = REPO_ROOT / "requirements-optimizers.txt"
 
 # The torch build ComfyUI's requirements take. These torch and torchvision files run on CPU and GPU; the
 # registry's torchaudio declares no torch pin, so it goes in without its dependencies (it would replace torch).
@@ -110,12 +112,12 @@ def lowest_venv() -> Path:
     lines = requirement_lines(PACK_REQUIREMENTS)
     if any(line.count(">=") != 1 or any(op in line for op in ("<", "==", "!=", "~=", ",")) for line in lines):
         raise ValueError(f"{PACK_REQUIREMENTS}: every line must be 'name>=floor' to be tested at its floor: {lines}")
-    return venv(ENVS / "lowest", [], extra=[line.replace(">=", "==") for line in lines])
+    return venv(ENVS / "lowest", [OPTIMIZER_REQUIREMENTS], extra=[line.replace(">=", "==") for line in lines])
 
 
 def dev_venv() -> Path:
     """The dev venv's python (``.venv``)."""
-    return venv(DEV_VENV, [PACK_REQUIREMENTS, DEV_REQUIREMENTS])
+    return venv(DEV_VENV, [PACK_REQUIREMENTS, DEV_REQUIREMENTS, OPTIMIZER_REQUIREMENTS])
 
 
 def with_tools(python: Path | str, argv: Sequence[str]) -> list[str]:
