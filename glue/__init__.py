@@ -6,7 +6,7 @@ Node IDs carry the prefix ``LoraTrainer``: ComfyUI silently drops a custom node 
 index) can read them without importing the pack.
 """
 
-from .dataset_nodes import CaptionDropout, LoadLoraDataset
+from .dataset_nodes import CaptionDropout, LoadLoraDataset, RegularizationImages
 from .encode_node import EncodeLatentsCache
 from .evaluation import EvaluationGrid
 from .lora_nodes import ApplyLora, SaveLora
@@ -19,6 +19,7 @@ remove_killed_writes()
 NODE_CLASS_MAPPINGS = {
     "LoraTrainerLoadDataset": LoadLoraDataset,
     "LoraTrainerCaptionDropout": CaptionDropout,
+    "LoraTrainerRegularization": RegularizationImages,
     "LoraTrainerEncodeLatentsCache": EncodeLatentsCache,
     "LoraTrainerSamples": TrainingSamples,
     "LoraTrainerTrain": TrainLora,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -181,7 +182,7 @@ class LatentsIn:
 
     def collate(self, indices: Sequence[int], rng: random.Random) -> Batch:
         batch = self.data.collate(indices, rng)
-        return Batch(self.base.process_latent_in(batch.latents), batch.cond)
+        return dataclasses.replace(batch, latents=self.base.process_latent_in(batch.latents))
 
 
 class ComfyEncoders:
@@ -401,3 +402,15 @@ def interrupt_now() -> None:
     raise mm.InterruptProcessingException()
 
 
+def checkpoint_name(model) -> str:
+    """The file name of the checkpoint or diffusion model the MODEL was loaded from; "" where the host cannot tell.
+
+    ComfyUI 0.33's loaders (CheckpointLoaderSimple, UNETLoader) record how to load the model again in
+    ``ModelPatcher.cached_patcher_init``, ``(loader, (path, ...)[, index])``, which clones carry along. 0.3.75
+    keeps no trace of the file, nor do models made in a graph; their LoRAs name the model family instead
+    (``metadata_for``)."""
+    init = getattr(model, "cached_patcher_init", None)
+    arguments = init[1] if isinstance(init, tuple) and len(init) > 1 else None
+    if not isinstance(arguments, tuple) or not arguments or not isinstance(arguments[0], str | os.PathLike):
+        return ""
+    return os.path.basename(os.fspath(arguments[0]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,4 +97,9 @@ def encode(dataset, encoders, cache_dir: str) -> tuple[LoraEncoded, str]:
     report = (f"{len(dataset.samples)} images ({len(data)} with repeats) in {folder}: encoded "
               f"{stats.encoded_images} images and {stats.encoded_texts} captions, reused {stats.reused}, "
               f"rebuilt {stats.rebuilt_corrupt} damaged")
+    uncaptioned = [sample for sample in dataset.samples if sample.uncaptioned and not sample.regularization]
+    if uncaptioned:
+        caption = dataset.policy.render(uncaptioned[0].caption, random.Random(0))
+        report += (f"; {len(uncaptioned)} images without a caption file train on "
+                   + (repr(caption) if caption else "the empty caption (give Caption Dropout a trigger word)"))
     return LoraEncoded(data, dataset, folder), report

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import comfy.sd
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
+from PIL import Image
 
 from ..training.config import DTYPES
-from ..training.formats import build_metadata, save_lora, to_state_dict
+from ..training.formats import RunInfo, build_metadata, save_lora, to_state_dict
 from ..training.lora import LoraTensors
-from .dataset_nodes import CATEGORY
+from .bridge import checkpoint_name, pixels_per_latent
+from .dataset_nodes import CATEGORY, LoraDataset
 from .families import Family
 from .inputs import errors_named, finite
 from .paths import writable
@@ -36,8 +41,8 @@ class TrainedLora:
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     trigger: str = ""
     cancelled: bool = False
-    started_at: float = field(default_factory=time.time)
     kept: str | None = None  # the copy Train LoRA keeps in models/loras until Save LoRA has written this LoRA
+    run: RunInfo = field(default_factory=RunInfo)  # the model, dataset and times, for the files' metadata
 
     @property
     def rank(self) -> int:
@@ -46,6 +51,70 @@ class TrainedLora:
     @property
     def alpha(self) -> float:
         return next(iter(self.layers.values())).alpha
+
+    @staticmethod
+    def run_info(model, encoded, result, guidance: float | None = None) -> RunInfo:
+        """What made a LoRA, from Train LoRA's MODEL, LORA_ENCODED and the engine's TrainResult: read once, when
+        training ends, so that every file written of this LoRA says the same. (A static method: Train LoRA
+        reaches it through the class it builds.)"""
+        dataset: LoraDataset = encoded.dataset
+        factor = pixels_per_latent(model.model)
+        sizes = encoded.data.sizes  # latent (h, w) per cached item, repeats included, in the samples' order
+        buckets: dict[tuple[int, int], int] = {}
+        for height, width in sizes:
+            buckets[(width * factor, height * factor)] = buckets.get((width * factor, height * factor), 0) + 1
+        errors = _aspect_errors(dataset, sizes)
+        finished = time.time()
+        return RunInfo(
+            base_model=checkpoint_name(model), dataset=_dataset_name(dataset.folder),
+            dataset_dirs=_dataset_dirs(dataset), buckets=buckets,
+            mean_ar_error=sum(errors) / len(errors) if errors else 0.0, bucket_multiple=dataset.bucket_multiple,
+            flip=dataset.flip, random_crop=dataset.random_crop, caption=dataset.policy,
+            caption_variants=dataset.caption_variants, guidance=guidance,
+            started_at=finished - result.train_s - result.sampling_s,  # when the first step began
+            finished_at=finished, session_id=random.randint(0, 2**32),
+            reg_images=sum(s.repeats for s in dataset.samples if s.regularization))
+
+
+_ORIENTATION = 0x0112  # EXIF orientation: 5-8 turn the image by 90 degrees (training.dataset.load_image applies it)
+
+
+def _aspect_errors(dataset: LoraDataset, sizes) -> list[float]:
+    """kohya's aspect-ratio error of each image: |bucket w/h - image w/h|, the image's size read from its header."""
+    errors, at = [], 0
+    for sample in dataset.samples:
+        if at >= len(sizes):
+            break
+        height, width = sizes[at]
+        at += sample.repeats
+        try:
+            with Image.open(sample.image) as image:
+                image_w, image_h = image.size
+                if image.getexif().get(_ORIENTATION) in (5, 6, 7, 8):
+                    image_w, image_h = image_h, image_w
+        except OSError:  # removed or replaced since it was cached: it still trained, its error is unknown
+            continue
+        errors.append(abs(width / height - image_w / image_h))
+    return errors
+
+
+def _dataset_dirs(dataset: LoraDataset) -> dict[str, tuple[int, int]]:
+    """kohya's ``ss_dataset_dirs``: each folder's (repeats, images); a kohya "N_name" folder is its own."""
+    dirs: dict[str, tuple[int, int]] = {}
+    for sample in dataset.samples:
+        if sample.regularization:  # kohya lists class images apart (ss_reg_dataset_dirs)
+            continue
+        name = sample.group or Path(dataset.folder).name
+        repeats, images = dirs.get(name, (sample.repeats, 0))
+        dirs[name] = (repeats, images + 1)
+    return dirs
+
+
+def _dataset_name(folder: str) -> str:
+    """The dataset folder as Load LoRA Dataset takes it: relative to ComfyUI's input folder when inside it, else
+    only its name (a full path would carry the user's folders into files they share)."""
+    path, inputs = Path(os.path.realpath(folder)), Path(os.path.realpath(folder_paths.get_input_directory()))
+    return path.relative_to(inputs).as_posix() if path.is_relative_to(inputs) else path.name
 
 
 def file_layers(lora: TrainedLora, format: str = "auto") -> tuple[str, dict[str, LoraTensors], str | None]:
@@ -71,11 +140,12 @@ def file_tensors(lora: TrainedLora, format: str = "auto", dtype: torch.dtype | N
 
 
 def metadata_for(lora: TrainedLora, title: str) -> dict[str, str]:
+    # where the host cannot tell which file the model came from, the family is what we know of it
+    run = dataclasses.replace(lora.run, base_model=lora.run.base_model or lora.family.name)
     return build_metadata(
         base_model_version=lora.family.base_model_version, architecture=lora.family.architecture,
         rank=lora.rank, alpha=lora.alpha, steps=lora.steps, resolution=lora.resolution, title=title,
-        config=lora.config, tag_frequency=lora.tag_frequency, trigger=lora.trigger, v2=lora.family.v2,
-        started_at=lora.started_at,
+        config=lora.config, tag_frequency=lora.tag_frequency, trigger=lora.trigger, v2=lora.family.v2, run=run,
     )
 
 

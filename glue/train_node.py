@@ -52,7 +52,8 @@ def _config_input(name: str) -> io.Input:
 
 REQUIRED = ("model", "encoded", "steps", "learning_rate", "rank", "alpha", "targets", "objective", "batch_size",
             "seed", "name")
-OPTIONAL = ("lr_schedule", "warmup_steps", "grad_accum", "timestep_sampling", "min_snr_gamma", "noise_offset",
+OPTIONAL = ("optimizer", "weight_decay", "lr_schedule", "warmup_steps", "grad_accum", "loss", "huber_c",
+            "huber_schedule", "unmasked_weight", "ema_decay", "ema_start", "timestep_sampling", "min_snr_gamma", "noise_offset",
             "precision", "flux_guidance", "gradient_checkpointing", "memory_budget_gb", "checkpoint_every", "resume",
             "samples")
 # Options that do nothing for a kind of model; the report names them.
@@ -158,7 +159,8 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
         now until Save LoRA has written it (Save then removes this copy)."""
         lora = TrainedLora(result.lora, family, result.steps_done, result.config.to_dict(),
                            encoded.dataset.resolution, tag_frequency(encoded.dataset.samples),
-                           encoded.dataset.policy.trigger, result.cancelled)
+                           encoded.dataset.policy.trigger, result.cancelled,
+                           run=TrainedLora.run_info(model, encoded, result, denoiser.guidance))
         if result.steps_done:
             lora.kept = write_lora(lora, kept_name, what="Train LoRA: name")
         return lora
@@ -184,6 +186,10 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
     trained = result.steps_done - result.first_step
     report = (f"{family.name} LoRA, {result.objective}, rank {config.rank}, {len(lora.layers)} layers, "
               f"{result.steps_done} steps, final loss {last}"
+              + (f", {config.optimizer}, {config.loss} loss" if (config.optimizer, config.loss) != ("adamw", "mse")
+                 else "")
+              + (f", the EMA of the adapter (decay {config.ema_decay} from step {config.ema_start})"
+                 if config.ema_decay else "")
               + (", gradient checkpointing on" if result.gradient_checkpointing else "")
               + (f"; probe loss {result.probe[0][1]:.4f} -> {result.probe[-1][1]:.4f} ({-result.probe_drop:+.0%}: "
                  f"{result.probe_images} training images at fixed noise, steps {result.probe[0][0]} and "

@@ -14,13 +14,16 @@ import torch
 class Batch:
     latents: torch.Tensor  # [B, C, H, W]
     cond: dict[str, torch.Tensor]  # batched conditioning, see denoiser.Denoiser
+    mask: torch.Tensor | None = None  # [B, 1, H, W] loss weight in [0, 1] at latent resolution (masked loss)
+    weight: torch.Tensor | None = None  # [B] each sample's loss weight (regularisation images' own)
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
             cast = dtype if dtype is not None and t.is_floating_point() else None
             return t.to(device=device, dtype=cast, non_blocking=True)
 
-        return Batch(move(self.latents), {k: move(v) for k, v in self.cond.items()})
+        return Batch(move(self.latents), {k: move(v) for k, v in self.cond.items()},
+                     *(None if t is None else t.to(device, non_blocking=True) for t in (self.mask, self.weight)))
 
 
 class TrainData(Protocol):

@@ -13,6 +13,7 @@ probability. So dropout and shuffle keep working with cached embeddings.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -31,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from .batching import Batch, stack_conditioning
 from .buckets import image_to_tensor, make_buckets, nearest_bucket, resize_and_crop
 from .captions import CaptionPolicy
-from .dataset import Sample, load_image
+from .dataset import Sample, load_image, load_mask
 from .files import atomic_path, changed, file_state, remove_temp_files, temp_name
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,9 @@ class EncodedSample:
     texts: tuple[Path, ...]
     size: tuple[int, int]  # latent (h, w)
     empty: Path | None = None  # edit pairs: the empty caption encoded with this control image
+    mask: Path | None = None  # masked loss: the mask at latent resolution, and mirrored with the flipped latent
+    mask_flipped: Path | None = None
+    loss_weight: float = 1.0
 
 
 @dataclass
@@ -101,7 +106,8 @@ class EncodedDataset:
         self.empty_text, self.policy, self.stats = empty_text, policy, stats
         paths = {empty_text}
         for sample in samples:
-            paths.update(p for p in (sample.latent, sample.flipped, sample.control, sample.empty, *sample.texts) if p)
+            paths.update(p for p in (sample.latent, sample.flipped, sample.control, sample.empty, sample.mask,
+                                     sample.mask_flipped, *sample.texts) if p)
         self.files = {path: file_state(path) for path in sorted(paths)}  # as verified when encoded
 
     def changed_files(self) -> list[Path]:
@@ -112,18 +118,23 @@ class EncodedDataset:
         return len(self.samples)
 
     def collate(self, indices: Sequence[int], rng: random.Random) -> Batch:
-        latents, conds = [], []
+        latents, conds, masks = [], [], []
         for i in indices:
             sample = self.samples[i]
             use_flip = sample.flipped is not None and rng.random() < 0.5
             image = load_file(sample.flipped if use_flip else sample.latent)
+            mask = sample.mask_flipped if use_flip else sample.mask
+            masks.append(load_file(mask)["mask"] if mask else torch.ones(1, *image["latent"].shape[-2:]))
             text = (sample.empty or self.empty_text) if self.policy.drops(rng) else rng.choice(sample.texts)
             cond = load_file(text)
             if sample.control is not None:
                 cond["control"] = load_file(sample.control)["latent"]
             latents.append(image["latent"])
             conds.append(cond)
-        return Batch(torch.stack(latents), stack_conditioning(conds))
+        masked = any(self.samples[i].mask for i in indices)
+        weights = [self.samples[i].loss_weight for i in indices]
+        return Batch(torch.stack(latents), stack_conditioning(conds), torch.stack(masks) if masked else None,
+                     torch.tensor(weights) if any(w != 1 for w in weights) else None)
 
 
 def encode_dataset(samples: Sequence[Sample], encoders: Encoders, cache_dir: str | Path,
@@ -138,18 +149,22 @@ def encode_dataset(samples: Sequence[Sample], encoders: Encoders, cache_dir: str
         rng = random.Random(f"{settings.seed}:{sample.image}")
         image = load_image(sample.image)
         bucket = nearest_bucket(*image.size, buckets)
-        crop_rng = random.Random(rng.random())
+        crop_seed = rng.random()
         transform = {"bucket": bucket, "random_crop": settings.random_crop, "seed": settings.seed}
         latent, flipped, size, _ = _encode_image(cache, encoders, sample.image, image, transform, settings.flip,
-                                                 crop_rng)
+                                                 random.Random(crop_seed))
+        masks = (_encode_mask(cache, sample.mask, sample.image, image.size, transform, settings.flip, crop_seed,
+                              size)
+                 if sample.mask is not None else (None, None))
         control = seen = empty = None
         if sample.control is not None:  # the text encoder sees the control crop its reference latent is made of
             control, _, _, seen = _encode_image(cache, encoders, sample.control, load_image(sample.control),
                                                 transform, False, random.Random(rng.random()))
             empty = _encode_text(cache, encoders, "", seen)
-        variants = policy.variants(sample.caption, settings.caption_variants, seed=settings.seed + number)
+        own = dataclasses.replace(policy, trigger="") if sample.regularization else policy  # a class image: no trigger
+        variants = own.variants(sample.caption, settings.caption_variants, seed=settings.seed + number)
         texts = tuple(_encode_text(cache, encoders, caption, seen) for caption in variants)
-        encoded.append(EncodedSample(latent, flipped, control, texts, size, empty))
+        encoded.append(EncodedSample(latent, flipped, control, texts, size, empty, *masks, sample.loss_weight))
         if on_progress is not None:
             on_progress(number + 1, len(samples))
     empty = _encode_text(cache, encoders, "")
@@ -175,6 +190,24 @@ def _encode_image(cache: _Cache, encoders: Encoders, path: Path, image, transfor
         paths.append(cache.entry("latents", {**key, "flip": flipped}, make))
     size = tuple(load_file(paths[0])["latent"].shape[-2:])
     return paths[0], paths[1] if flip else None, size, (key, pixels)
+
+
+def _encode_mask(cache: _Cache, path: Path, image: Path, image_size: tuple[int, int],
+                 transform: Mapping[str, object], flip: bool, crop_seed: float,
+                 latent_size: tuple[int, int]) -> tuple[Path, Path | None]:
+    """The mask at ``path`` (``image`` itself: its alpha channel) cropped as its image was (same bucket, same crop window), then averaged down to the
+    latent's size: (mask file, mirrored mask file when ``flip``), each ``{"mask": [1, h, w]}`` in [0, 1]."""
+    alpha = path == image
+    key = {"mask": hashlib.sha256(path.read_bytes()).hexdigest(), "alpha": alpha, "image_size": image_size,
+           **transform, "latent_size": latent_size, "crop": crop_seed if transform["random_crop"] else None}
+    cropped, _ = resize_and_crop(load_mask(path, image_size, alpha), transform["bucket"],
+                                 random_crop=bool(transform["random_crop"]), rng=random.Random(crop_seed))
+    pixels = torch.from_numpy(np.array(cropped, dtype=np.uint8)).float().div(255)[None, None]
+    mask = torch.nn.functional.interpolate(pixels, size=latent_size, mode="area")[0]
+    paths = [cache.entry("masks", {**key, "flip": flipped},
+                         lambda flipped=flipped: {"mask": (torch.flip(mask, dims=[-1]) if flipped else mask).contiguous()})
+             for flipped in ([False, True] if flip else [False])]
+    return paths[0], paths[1] if flip else None
 
 
 def _encode_text(cache: _Cache, encoders: Encoders, caption: str,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+TRIGGER = "{trigger}"  # in a caption (or the dataset's caption for images without one): where the trigger goes
+
 
 @dataclass(frozen=True)
 class CaptionPolicy:
@@ -13,7 +15,8 @@ class CaptionPolicy:
     The trigger is always first and never shuffled; if the caption already contains it (as whole
     tags, anywhere) that copy is moved to the front rather than repeated. ``keep_tokens`` counts
     the caption's own leading tags that stay in place, not the trigger. Tags are re-joined with
-    ``", "`` even when nothing is shuffled, so "a,b" renders as "a, b".
+    ``", "`` even when nothing is shuffled, so "a,b" renders as "a, b". A caption that says where the trigger
+    goes (``TRIGGER``, e.g. "a photo of {trigger}") gets it there instead of in front.
     """
 
     dropout: float = 0.0  # probability of training on the empty caption instead
@@ -43,6 +46,12 @@ class CaptionPolicy:
 
     def _split(self, caption: str) -> tuple[list[str], list[str], list[str]]:
         """(trigger tags, kept tags, shufflable tags); the trigger's first copy in the caption is removed."""
+        if TRIGGER in caption:  # the tags up to the one holding the trigger stay first, in place
+            tags = self.tags(caption)
+            at = next(i for i, tag in enumerate(tags) if TRIGGER in tag)
+            filled = [tag.replace(TRIGGER, self.trigger).strip() for tag in tags]
+            head, rest = [t for t in filled[:at + 1] if t], [t for t in filled[at + 1:] if t]
+            return head, rest[:self.keep_tokens], rest[self.keep_tokens:]
         head, tags = self.tags(self.trigger), self.tags(caption)
         n = len(head)
         at = next((i for i in range(len(tags) - n + 1) if n and tags[i:i + n] == head), None)

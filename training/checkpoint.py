@@ -1,8 +1,8 @@
 """Periodic checkpoints and exact resume.
 
 A checkpoint is a folder ``step_000250/`` holding the adapter (``adapter.safetensors``, the generic
-format) and ``state.pt`` (optimizer, LR schedule, grad scaler, RNG, data position, the config and its
-trajectory hash). It is written to a temporary folder and renamed, so a crash never leaves half of one.
+format) and ``state.pt`` (optimizer, LR schedule, grad scaler, RNG, data position, the EMA, the config and
+its trajectory hash). It is written to a temporary folder and renamed, so a crash never leaves half of one.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class TrainState:
     smoothed_loss: float | None
     config: dict
     trajectory_hash: str
+    ema: dict | None = None  # the adapter's EMA (diffusers' EMAModel state), when on
 
 
 def save_checkpoint(folder: str | Path, lora: dict[str, LoraTensors], state: TrainState, keep: int) -> Path:
@@ -80,9 +81,11 @@ def load_checkpoint(path: str | Path, config: TrainConfig,
     except Exception as error:  # a damaged file, whatever torch raises for it
         raise ValueError(f"Checkpoint state {folder / STATE_FILE} is unreadable ({error}); "
                          "resume from an earlier checkpoint") from error
-    if state.trajectory_hash != config.trajectory_hash():
-        changed = sorted(k for k, v in config.to_dict().items()
-                         if k not in RESUMABLE_CHANGES and _jsonish(state.config.get(k)) != _jsonish(v))
+    # A setting the checkpoint does not know came with a later version of the pack: it had its default then.
+    defaults = TrainConfig().to_dict()
+    changed = sorted(k for k, v in config.to_dict().items()
+                     if k not in RESUMABLE_CHANGES and _jsonish(state.config.get(k, defaults[k])) != _jsonish(v))
+    if changed:
         raise ValueError(f"Checkpoint {folder} was made with different settings: {changed}. "
                          "Resume with the same settings (only steps and checkpoint options may change).")
     lora, _ = load_lora(folder / ADAPTER_FILE, module_paths)

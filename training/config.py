@@ -12,8 +12,15 @@ import torch
 
 from .denoiser import NoiseSchedule
 from .lora import LORA_INITS
-from .objectives import FLOW_SAMPLINGS, FLOW_WEIGHTINGS, OBJECTIVES, resolve_objective
-from .optim import LR_SCHEDULES, OPTIMIZERS
+from .objectives import (
+    FLOW_SAMPLINGS,
+    FLOW_WEIGHTINGS,
+    HUBER_SCHEDULES,
+    LOSSES,
+    OBJECTIVES,
+    resolve_objective,
+)
+from .optim import LR_SCHEDULES, OPTIMIZERS, optimizer_help
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision name -> dtype
 PRECISIONS = tuple(DTYPES)
@@ -84,13 +91,31 @@ class TrainConfig:
     shift: float | None = None  # flow: fixed timestep shift; None: the model's own
     dynamic_shift: bool = False  # flow: FLUX's resolution-dependent shift instead
     loss_weighting: str = _option("none", "Flow models: loss weight by σ.", choices=FLOW_WEIGHTINGS)
+    loss: str = _option("mse", "The loss between prediction and target, after the objective's weighting. mse: the "
+                        "usual; l1: less pulled by outliers; huber / smooth_l1: kohya's pseudo-Huber, mse for small "
+                        "errors and l1 for large ones (robust to odd images).", choices=LOSSES)
+    huber_c: float = _option(0.1, "huber / smooth_l1: the error at which the loss turns from mse to l1 (kohya's "
+                             "huber_c; smaller is more robust).", min=1e-4, max=1.0, step=0.01)
+    huber_schedule: str = _option("snr", "huber / smooth_l1: the threshold by noise level: snr and exponential (kohya's) "
+                                  "run from 1 without noise to huber_c at full noise; constant keeps huber_c.",
+                                  choices=HUBER_SCHEDULES)
+    unmasked_weight: float = _option(0.0, "Masked loss (images with masks): the loss weight outside the mask; 0 "
+                                     "learns only the masked subject, 1 ignores the masks.", min=0.0, max=1.0,
+                                     step=0.05)
     # optimisation
-    optimizer: str = _option("adamw", "Optimizer.", choices=tuple(OPTIMIZERS))
-    weight_decay: float = _option(1e-2, "Optimizer weight decay.", min=0.0)
+    optimizer: str = _option("adamw", f"Optimizer. {optimizer_help()}.", choices=tuple(OPTIMIZERS))
+    weight_decay: float = _option(1e-2, "Optimizer weight decay (decoupled for adamw, adamw8bit, prodigy, lion).",
+                                  min=0.0, max=10.0, step=0.001)
     lr_schedule: str = _option("constant", "Learning-rate schedule.", choices=LR_SCHEDULES)
     warmup_steps: int = _option(0, "Linear warm-up steps.", min=0, max=100_000)
     lr_cycles: int = _option(1, "Cycles of the cosine_with_restarts schedule.", min=1)
     max_grad_norm: float = _option(1.0, "Gradient clipping norm; 0: no clipping.", min=0.0)
+    ema_decay: float = _option(0.0, "Keep an exponential moving average of the adapter weights and output it instead "
+                               "of the last step's: smoother, often better LoRAs from noisy runs. 0: off; 0.999 for "
+                               "runs of a few thousand steps (the average spans ~1/(1-decay) steps).", min=0.0,
+                               max=0.99999, step=0.001)
+    ema_start: int = _option(0, "EMA: the step from which the average starts (until then it follows the weights).",
+                             min=0, max=1_000_000)
     precision: str = _option("auto", "Forward-pass precision; auto = the model's. Adapters are always fp32.",
                              choices=("auto", *PRECISIONS))
     gradient_checkpointing: str = _option(  # True/False are read as on/off

@@ -15,17 +15,22 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
+import random
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors
 import safetensors.torch
 import torch
 
+from .captions import CaptionPolicy
 from .files import atomic_path
 from .lora import LoraTensors
+from .optim import OPTIMIZERS
 
 FORMATS = ("comfy", "kohya", "diffusers")
 DEFAULT_PREFIX = {"comfy": "diffusion_model", "kohya": "lora_unet", "diffusers": "transformer"}
@@ -139,6 +144,46 @@ def load_lora(
     return layers, metadata
 
 
+# modelspec.prediction_type: the model spec names "epsilon" and "v" for Stable Diffusion and leaves other model
+# classes their own word; kohya writes none for FLUX. "flow" says rectified flow (velocity) rather than leave it out.
+PREDICTION_TYPES = {"ddpm-eps": "epsilon", "ddpm-v": "v", "flow": "flow"}
+_MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}  # accelerate's names, as kohya writes them
+_LOSS_TYPES = {"mse": "l2"}  # kohya's name where it differs
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What made a LoRA besides its settings (the TrainConfig): the model, the dataset as trained (with repeats
+    and buckets), the caption policy and when. kohya's ``ss_*`` keys describe these; ``lora_trainer.run`` keeps
+    the rest of what reproducing the run needs."""
+
+    base_model: str = ""  # the checkpoint's file name (ss_sd_model_name)
+    dataset: str = ""  # the dataset folder as Load LoRA Dataset was given it (never a full path: files are shared)
+    dataset_dirs: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # kohya folder -> (repeats, images)
+    buckets: Mapping[tuple[int, int], int] = field(default_factory=dict)  # (width, height) px -> images with repeats
+    mean_ar_error: float = 0.0  # kohya's: mean |bucket w/h - image w/h| over the images (without repeats)
+    bucket_multiple: int = 64
+    flip: bool = False
+    random_crop: bool = False
+    caption: CaptionPolicy = CaptionPolicy()
+    caption_variants: int = 1  # shuffled captions cached per image
+    clip_skip: int | None = None  # kohya's: 2 is the penultimate layer; None: the text encoder's own
+    guidance: float | None = None  # FLUX.1-dev: the guidance embedding while training
+    started_at: float | None = None  # time.time() when training began; None: now
+    finished_at: float | None = None  # time.time() when it ended; None: now
+    session_id: int | None = None  # kohya's: a random number per run, the same in each file it writes; None: new
+    reg_images: int = 0  # regularisation (class) images per epoch, repeats counted; in ``buckets`` too
+
+    @property
+    def train_images(self) -> int:
+        """Training images per epoch, repeats counted, class images left out (kohya's num_train_images)."""
+        return sum(self.buckets.values()) - self.reg_images
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        """Batches of one epoch: each holds a single bucket, so a bucket's last batch may be short."""
+        return sum(math.ceil(count / batch_size) for count in self.buckets.values())
+
+
 def build_metadata(
     *,
     base_model_version: str,
@@ -155,43 +200,141 @@ def build_metadata(
     network_module: str = "networks.lora",
     network_args: Mapping[str, object] | None = None,
     implementation: str = IMPL_COMFYUI,
-    started_at: float | None = None,
+    run: RunInfo | None = None,
 ) -> dict[str, str]:
-    """kohya's minimum ``ss_*`` keys, Stability's ``modelspec.*`` keys and ``lora_trainer.config``.
+    """kohya's ``ss_*`` keys (those train_network.py writes that apply here), Stability's ``modelspec.*`` keys,
+    and ``lora_trainer.config`` / ``lora_trainer.run`` (the settings and the rest of what made the file).
 
     ``base_model_version`` is kohya's (``sd_v1``, ``sdxl_base_v1-0``, ``flux1``, ...);
     ``architecture`` the model spec's (``stable-diffusion-v1/lora``, ``flux-1-dev/lora``, ...);
-    ``tag_frequency`` is ``{"<repeats>_<dir>": {tag: count}}``. Values are formatted as kohya's.
+    ``config`` is ``TrainConfig.to_dict()`` (settings it lacks are written as kohya writes unset ones: "None");
+    ``tag_frequency`` is ``{"<repeats>_<dir>": {tag: count}}``; ``trigger`` defaults to the caption policy's.
+    Values are formatted as kohya's (``str()`` of the value; JSON for nested ones), which A1111 and Civitai read.
     """
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     if rank < 1 or steps < 0 or width < 1 or height < 1:
         raise ValueError(
             f"build_metadata needs rank >= 1, steps >= 0, resolution > 0; got {rank}, {steps}, {resolution}"
         )
-    started = time.time() if started_at is None else started_at
+    run = run or RunInfo()
+    trigger = trigger or run.caption.trigger
+    finished = time.time() if run.finished_at is None else run.finished_at
     metadata = {
+        "ss_session_id": str(random.randint(0, 2**32) if run.session_id is None else run.session_id),
+        "ss_training_started_at": str(finished if run.started_at is None else run.started_at),
+        "ss_training_finished_at": str(finished),
+        "ss_output_name": title,
+        "ss_sd_model_name": run.base_model or "None",
         "ss_network_module": network_module,
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": str(float(alpha)),
         "ss_network_args": json.dumps(dict(network_args or {}), sort_keys=True),
         "ss_base_model_version": base_model_version,
         "ss_v2": str(bool(v2)),
-        "ss_tag_frequency": json.dumps({d: dict(tags) for d, tags in (tag_frequency or {}).items()}),
+        "ss_clip_skip": str(run.clip_skip),
         "ss_resolution": str((int(width), int(height))),
         "ss_steps": str(int(steps)),
-        "ss_training_started_at": str(started),
-        "ss_output_name": title,
+        **_settings_keys(config, run, steps),
+        **_dataset_keys(run, tag_frequency),
+        "ss_training_comment": f"trigger: {trigger}" if trigger else "None",  # where kohya users put it
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": architecture,
         "modelspec.implementation": implementation,
         "modelspec.title": title,
-        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.date": datetime.datetime.fromtimestamp(int(finished)).isoformat(),
         "modelspec.resolution": f"{width}x{height}",
         "lora_trainer.config": json.dumps(dict(config), sort_keys=True, default=str),
+        "lora_trainer.run": json.dumps(_run_record(run), sort_keys=True),
     }
+    prediction = PREDICTION_TYPES.get(str(config.get("objective")))
+    if prediction:
+        metadata["modelspec.prediction_type"] = prediction
     if trigger:
         metadata["modelspec.trigger_phrase"] = trigger
+    if run.clip_skip is not None:
+        metadata["modelspec.encoder_layer"] = str(run.clip_skip)
     return metadata
+
+
+def _settings_keys(config: Mapping[str, object], run: RunInfo, steps: int) -> dict[str, str]:
+    """kohya's keys for the training settings, from ``TrainConfig.to_dict()``."""
+    get = config.get
+    batch, accumulation = int(get("batch_size", 1)), int(get("grad_accum", 1))
+    per_epoch = run.batches_per_epoch(batch)
+
+    def epochs(done: int) -> int:  # the loop draws grad_accum batches per step, epoch after epoch
+        return math.ceil(done * accumulation / per_epoch) if per_epoch else 0
+
+    optimizer = get("optimizer")
+    optimizer = OPTIMIZERS[optimizer].kohya_name(get("weight_decay")) if optimizer in OPTIMIZERS else str(optimizer)
+    loss = get("loss")
+    keys = {
+        "ss_learning_rate": str(get("learning_rate")),
+        "ss_unet_lr": str(get("learning_rate")),  # only the UNet / transformer is trained, at this rate
+        "ss_optimizer": optimizer,
+        "ss_lr_scheduler": str(get("lr_schedule")),
+        "ss_lr_warmup_steps": str(get("warmup_steps")),
+        "ss_max_train_steps": str(get("steps")),
+        "ss_gradient_accumulation_steps": str(accumulation),
+        "ss_batch_size_per_device": str(batch),
+        "ss_total_batch_size": str(batch * accumulation),
+        "ss_num_batches_per_epoch": str(per_epoch),
+        "ss_num_epochs": str(epochs(int(get("steps") or steps))),
+        "ss_epoch": str(epochs(steps)),
+        "ss_seed": str(get("seed")),
+        "ss_mixed_precision": _MIXED_PRECISION.get(str(get("precision")), str(get("precision"))),
+        "ss_max_grad_norm": str(get("max_grad_norm")),
+        "ss_network_dropout": str(get("lora_dropout")),
+        # kohya: None is off (0 would weight every loss by 0); flow models have neither option
+        "ss_min_snr_gamma": str(get("min_snr_gamma") or None),
+        "ss_noise_offset": str(get("noise_offset")),
+        "ss_cache_latents": "True",  # Encode Latents Cache
+    }
+    if loss is not None:
+        keys["ss_loss_type"] = _LOSS_TYPES.get(str(loss), str(loss))
+        keys["ss_huber_c"] = str(get("huber_c"))
+        keys["ss_huber_schedule"] = str(get("huber_schedule"))
+    return keys
+
+
+def _dataset_keys(run: RunInfo, tag_frequency: Mapping[str, Mapping[str, int]] | None) -> dict[str, str]:
+    """kohya's keys for the dataset: what A1111's LoRA card shows (dataset size, resolutions, tags)."""
+    policy = run.caption
+    buckets = {
+        str(index): {"resolution": [width, height], "count": count}
+        for index, ((width, height), count) in enumerate(sorted(run.buckets.items()))
+    }
+    return {
+        "ss_num_train_images": str(run.train_images),
+        "ss_num_reg_images": str(run.reg_images),
+        "ss_dataset_dirs": json.dumps(
+            {name: {"n_repeats": repeats, "img_count": images} for name, (repeats, images) in run.dataset_dirs.items()}
+        ),
+        "ss_tag_frequency": json.dumps({d: dict(tags) for d, tags in (tag_frequency or {}).items()}),
+        "ss_bucket_info": json.dumps({"buckets": buckets, "mean_img_ar_error": run.mean_ar_error}),
+        "ss_enable_bucket": "True",
+        "ss_flip_aug": str(run.flip),
+        "ss_random_crop": str(run.random_crop),
+        "ss_caption_dropout_rate": str(float(policy.dropout)),
+        "ss_shuffle_caption": str(policy.shuffle),
+        # kohya counts the leading tags that stay in place, trigger included; ours counts those after the trigger
+        "ss_keep_tokens": str(policy.keep_tokens + len(policy.tags(policy.trigger))),
+    }
+
+
+def _run_record(run: RunInfo) -> dict[str, object]:
+    """``lora_trainer.run``: what reproducing the run needs beyond ``lora_trainer.config``."""
+    policy = run.caption
+    return {
+        "base_model": run.base_model,
+        "dataset": run.dataset,
+        "bucket_multiple": run.bucket_multiple,
+        "flip": run.flip,
+        "random_crop": run.random_crop,
+        "caption": {"trigger": policy.trigger, "dropout": policy.dropout, "shuffle": policy.shuffle,
+                    "keep_tokens": policy.keep_tokens, "variants": run.caption_variants},
+        "guidance": run.guidance,
+    }
 
 
 def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.training_utils import EMAModel
 
 from .batching import Batch, TrainData
 from .buckets import plan_batches
@@ -24,7 +25,7 @@ from .config import DTYPES, TrainConfig
 from .denoiser import Denoiser, NoiseSchedule
 from .lora import LoraAttachment, LoraTensors
 from .memory import saved_bytes
-from .objectives import DDPMObjective, FlowObjective, make_objective, weighted_mse
+from .objectives import DDPMObjective, FlowObjective, denoising_loss, make_objective
 from .optim import make_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,8 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     schedule = make_schedule(config.lr_schedule, optimizer, warmup_steps=config.warmup_steps,
                              total_steps=config.steps, cycles=config.lr_cycles)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    ema = (EMAModel(params, decay=config.ema_decay, update_after_step=config.ema_start, foreach=True)
+           if config.ema_decay else None)
     step, position, smoothed = 0, 0, None
     if resume_from:
         lora, state = load_checkpoint(resume_from, config, sorted(attachment.layers))
@@ -214,6 +217,9 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
         if scaler is not None and state.scaler:
             scaler.load_state_dict(state.scaler)
         _set_rng(state.rng, device)
+        if ema is not None:
+            ema.load_state_dict(state.ema)
+            ema.to(device)
         step, position, smoothed = state.step, state.position, state.smoothed_loss
         log.info("resumed from step %d (%s)", step, resume_from)
     checkpointing = _fit_memory(config, denoiser, objective, stream, position, params)
@@ -263,6 +269,8 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
                 optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(params)
             step += 1
             interval_steps += 1
 
@@ -286,7 +294,7 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
             if at_checkpoint:
                 state = TrainState(step, position, optimizer.state_dict(), schedule.state_dict(),
                                    scaler.state_dict() if scaler else None, _get_rng(device), smoothed,
-                                   config.to_dict(), config.trajectory_hash())
+                                   config.to_dict(), config.trajectory_hash(), ema.state_dict() if ema else None)
                 save_checkpoint(config.checkpoint_dir, attachment.tensors(), state, config.keep_checkpoints)
             if sampling.due(step, config.steps):
                 try:
@@ -306,9 +314,9 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     except Exception as error:  # keep what the completed steps learned; Cancel is handled above
         if isinstance(error, TrainingFailed) or result.steps_done == 0:
             raise
-        result.lora = attachment.tensors()
+        result.lora = _output(attachment, ema)
         raise TrainingFailed(f"{type(error).__name__} after step {result.steps_done}: {error}", result) from error
-    result.lora = attachment.tensors()
+    result.lora = _output(attachment, ema)  # the final probe measures it
     result.data_wait_s = stream.wait_s
     result.gradient_checkpointing = checkpointing
     result.train_s = time.perf_counter() - started - result.sampling_s
@@ -406,7 +414,8 @@ def _loss(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Fl
     noised = objective.make(x0, noise, objective.sample_timesteps(x0, generator))
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         pred = denoiser(noised.noisy, noised.timestep, batch.cond)
-    return weighted_mse(pred, noised)
+    return denoising_loss(pred, noised, config.loss, config.huber_c, config.huber_schedule, batch.mask,
+                          config.unmasked_weight, batch.weight)
 
 
 def _fit_memory(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
@@ -445,6 +454,14 @@ def _fit_memory(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjectiv
         moved = denoiser.offload(need - free)
         log.info("kept %.0f MiB of frozen weights in CPU memory to fit the step", moved / 2**20)
     return checkpointing
+
+
+def _output(attachment: LoraAttachment, ema: EMAModel | None) -> dict[str, LoraTensors]:
+    """What the run gives: the adapter as trained or, with an EMA, its average, which then replaces the trained
+    weights on the model (the run is over; the checkpoints hold the trained ones)."""
+    if ema is not None:
+        ema.copy_to(attachment.parameters())
+    return attachment.tensors()
 
 
 def _restore(params: Sequence[torch.nn.Parameter], saved: Sequence[torch.Tensor]) -> None:

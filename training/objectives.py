@@ -27,6 +27,8 @@ from diffusers.training_utils import (
 OBJECTIVES = ("ddpm-eps", "ddpm-v", "flow")
 FLOW_SAMPLINGS = ("uniform", "logit_normal", "mode")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+LOSSES = ("mse", "l1", "huber", "smooth_l1")  # core ComfyUI's and kohya's; huber and smooth_l1 are kohya's pseudo-Huber
+HUBER_SCHEDULES = ("snr", "exponential", "constant")  # kohya's huber_schedule
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class NoisedBatch:
     timestep: torch.Tensor  # [B] float: DDPM t, or flow σ
     target: torch.Tensor  # [B, C, H, W]
     weight: torch.Tensor  # [B] per-sample loss weight
+    level: torch.Tensor  # [B] noise level in [0, 1]: t / T (DDPM), σ (flow)
+    noise_ratio: torch.Tensor  # [B] noise std / signal std: sqrt((1 - ᾱ_t) / ᾱ_t), or σ / (1 - σ)
 
 
 class DDPMObjective:
@@ -81,7 +85,10 @@ class DDPMObjective:
             snr = compute_snr(self.scheduler, timesteps)
             clipped = torch.clamp(snr, max=self.min_snr_gamma)
             weight = clipped / (snr + 1) if self.prediction == "v" else clipped / snr
-        return NoisedBatch(noisy, timesteps.float(), target, weight)
+        abar = self.scheduler.alphas_cumprod.to(x0.device)[timesteps].float()
+        return NoisedBatch(noisy, timesteps.float(), target, weight,
+                           level=timesteps.float() / self.scheduler.config.num_train_timesteps,
+                           noise_ratio=((1 - abar) / abar).sqrt())
 
 
 class FlowObjective:
@@ -125,7 +132,8 @@ class FlowObjective:
         sigma = timesteps.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
         noisy = (1 - sigma) * x0 + sigma * noise
         weight = compute_loss_weighting_for_sd3(self.weighting, timesteps.float())
-        return NoisedBatch(noisy, timesteps.float(), noise - x0, weight)
+        sigmas = timesteps.float()
+        return NoisedBatch(noisy, sigmas, noise - x0, weight, level=sigmas, noise_ratio=sigmas / (1 - sigmas))
 
     def shift_for(self, latent_size: tuple[int, int]) -> float:
         """The timestep shift; with ``dynamic_shift``, FLUX's resolution-dependent one (2×2 patches)."""
@@ -169,7 +177,42 @@ def make_objective(name: str, **options: object) -> DDPMObjective | FlowObjectiv
     raise ValueError(f"Unknown objective {name!r}; choose one of {OBJECTIVES}")
 
 
-def weighted_mse(pred: torch.Tensor, batch: NoisedBatch) -> torch.Tensor:
-    """Mean over pixels per sample, times the sample's weight, mean over the batch; in fp32."""
-    per_sample = torch.mean((pred.float() - batch.target.float()) ** 2, dim=tuple(range(1, pred.ndim)))
-    return torch.mean(per_sample * batch.weight.float())
+def denoising_loss(pred: torch.Tensor, batch: NoisedBatch, loss: str = "mse", huber_c: float = 0.1,
+                   huber_schedule: str = "snr", mask: torch.Tensor | None = None,
+                   unmasked_weight: float = 0.0, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``loss`` of each element (in fp32), its mean per sample times the sample's weight (the objective's
+    weighting), the mean over the batch. huber / smooth_l1 are kohya's pseudo-Huber losses, whose threshold
+    follows ``huber_threshold``: near MSE for small errors, near L1 (robust to outliers) for large ones.
+
+    ``mask`` ([B, 1, H, W] in [0, 1], the latent's last two sizes) weights each position: 1 inside the mask,
+    ``unmasked_weight`` outside, linear between (kohya's masked loss, with a weight for the rest of the image).
+    ``sample_weight`` ([B]) scales each sample's loss besides the objective's weighting (regularisation images)."""
+    error = pred.float() - batch.target.float()
+    if loss == "mse":
+        per_element = error**2
+    elif loss == "l1":
+        per_element = error.abs()
+    elif loss in ("huber", "smooth_l1"):
+        c = huber_threshold(batch, huber_c, huber_schedule).view(-1, *([1] * (error.ndim - 1)))
+        per_element = 2 * (torch.sqrt(error**2 + c**2) - c) * (c if loss == "huber" else 1)
+    else:
+        raise ValueError(f"Unknown loss {loss!r}; choose one of {LOSSES}")
+    if mask is not None:
+        weight = unmasked_weight + (1 - unmasked_weight) * mask.float()
+        per_element = per_element * weight.view(mask.shape[0], *([1] * (error.ndim - 3)), *mask.shape[-2:])
+    per_sample = per_element.mean(dim=tuple(range(1, error.ndim))) * batch.weight.float()
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight.float()
+    return torch.mean(per_sample)
+
+
+def huber_threshold(batch: NoisedBatch, c: float, schedule: str = "snr") -> torch.Tensor:
+    """kohya's Huber threshold per sample: ``constant`` c; ``exponential`` c at full noise rising to 1 at none
+    (exp(-α·t), α = -ln(c) / T); ``snr`` (1 - c) / (1 + noise ratio)² + c, from 1 at no noise to c at full noise."""
+    if schedule == "constant":
+        return torch.full_like(batch.level, c)
+    if schedule == "exponential":
+        return c**batch.level
+    if schedule == "snr":
+        return (1 - c) / (1 + batch.noise_ratio) ** 2 + c
+    raise ValueError(f"Unknown huber_schedule {schedule!r}; choose one of {HUBER_SCHEDULES}")

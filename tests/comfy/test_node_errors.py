@@ -25,16 +25,20 @@ def test_folder_without_images(comfy):
         run_node(comfy, "LoraTrainerLoadDataset", folder=str(empty), **DATASET)
 
 
-def test_images_without_captions_in_strict_mode_name_the_file(comfy):
+def test_images_without_captions_train_unless_captions_are_insisted_on(comfy):
     folder = comfy.base / "input" / "uncaptioned"
     folder.mkdir(exist_ok=True)
     Image.new("RGB", (128, 128), "red").save(folder / "lonely.png")
     Image.new("RGB", (128, 128), "blue").save(folder / "fine.png")
     (folder / "fine.txt").write_text("a blue square")
+    insist = dict(DATASET, caption_if_missing="")
     with pytest.raises(ValueError, match=r"lonely\.png.*caption"):
-        run_node(comfy, "LoraTrainerLoadDataset", folder=str(folder), **DATASET)
-    dataset, report = run_node(comfy, "LoraTrainerLoadDataset", folder=str(folder), **{**DATASET, "strict": False})
+        run_node(comfy, "LoraTrainerLoadDataset", folder=str(folder), **insist)
+    dataset, report = run_node(comfy, "LoraTrainerLoadDataset", folder=str(folder), **{**insist, "strict": False})
     assert [s.image.name for s in dataset.samples] == ["fine.png"] and "lonely.png" in report
+    dataset, report = run_node(comfy, "LoraTrainerLoadDataset", folder=str(folder), **DATASET)
+    assert sorted(s.image.name for s in dataset.samples) == ["fine.png", "lonely.png"]
+    assert "1 images have no caption file" in report, report
 
 
 def test_unwritable_cache_dir(comfy, sd15, demo_folder):

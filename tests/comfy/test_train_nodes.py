@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.comfy.conftest import run_node
@@ -151,3 +152,114 @@ def test_the_encoder_identity_is_the_same_for_every_load_of_a_checkpoint(comfy, 
         _, clip_again, vae_again = run_node(comfy, "CheckpointLoaderSimple", ckpt_name=TINY_CKPT_NAME)[:3]
         identities.add(bridge.ComfyEncoders(vae_again, clip_again).identity)
     assert len(identities) == 1
+
+
+def test_a_folder_of_photos_without_captions_trains_on_the_trigger_word(comfy, sd15, demo_folder):
+    """The most common first dataset: photos and nothing else. Each trains on the trigger word (the default
+    stand-in), and the reports say how many did."""
+    import shutil
+
+    model, clip, vae = sd15
+    photos = comfy.base / "input" / "photos"
+    photos.mkdir(exist_ok=True)
+    for image in sorted(demo_folder.glob("*.png"))[:3]:
+        shutil.copy(image, photos / image.name)
+    dataset, report = run_node(comfy, "LoraTrainerLoadDataset", folder="photos", resolution=128, bucket_multiple=64,
+                               strict=True, edit_pairs=False, random_crop=False, flip=False)
+    assert "3 images found" in report and "3 images have no caption file" in report
+    (dataset,) = run_node(comfy, "LoraTrainerCaptionDropout", dataset=dataset, dropout=0.0, trigger_word="zkx",
+                          shuffle_tags=False, keep_tokens=1, shuffle_variants=1)
+    encoded, report = run_node(comfy, "LoraTrainerEncodeLatentsCache", dataset=dataset, vae=vae, clip=clip,
+                               cache_dir="cache_photos")
+    assert "3 images without a caption file train on 'zkx'" in report
+    lora, _, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, **{**TRAIN, "steps": 2})
+    assert lora.steps == 2
+    with pytest.raises(Exception, match="(?s)Load LoRA Dataset.*missing caption"):
+        run_node(comfy, "LoraTrainerLoadDataset", folder="photos", resolution=128, bucket_multiple=64, strict=True,
+                 edit_pairs=False, random_crop=False, flip=False, caption_if_missing="")
+
+
+def test_optimizer_loss_and_ema_through_the_node_and_into_the_file(comfy, sd15, demo_folder):
+    """The recipe options as a user sets them on the node: they train, the report says them, the EMA is the LORA
+    output (it differs from the run without it), and the saved file's kohya keys name them."""
+    from safetensors import safe_open
+
+    model, _, _ = sd15
+    encoded, _ = _encoded(comfy, sd15, demo_folder)
+    recipe = dict(TRAIN, steps=4, optimizer="adafactor", loss="huber", huber_schedule="constant", ema_start=0)
+    plain, _, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, **recipe, ema_decay=0.0)
+    lora, _, report, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, **recipe, ema_decay=0.5)
+    assert "adafactor, huber loss, the EMA of the adapter (decay 0.5 from step 0)" in report
+    layer = next(iter(lora.layers))
+    assert (lora.layers[layer].up - plain.layers[layer].up).abs().max() > 0
+    (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name="tests/recipe", format="auto", precision="fp32")
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_optimizer"].startswith("transformers.optimization.Adafactor(scale_parameter=False")
+    assert (metadata["ss_loss_type"], metadata["ss_huber_schedule"]) == ("huber", "constant")
+
+
+def test_masked_loss_through_the_nodes(comfy, sd15, demo_folder):
+    """Masks in a masks/ folder: the dataset report counts them; on ComfyUI's own SD1.5, black masks (nothing
+    counts) leave the adapter untouched while white ones train it."""
+    import shutil
+
+    from PIL import Image
+
+    model, clip, vae = sd15
+    trained = {}
+    for fill in (0, 255):
+        folder = comfy.base / "input" / f"masked{fill}"
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+        for image in sorted(demo_folder.glob("*.png"))[:2]:
+            shutil.copy(image, folder / image.name)
+            shutil.copy(image.with_suffix(".txt"), folder / f"{image.stem}.txt")
+            Image.new("L", Image.open(image).size, fill).save(folder / "masks" / image.name)
+        dataset, report = run_node(comfy, "LoraTrainerLoadDataset", folder=folder.name, resolution=128,
+                                   bucket_multiple=64, strict=True, edit_pairs=False, random_crop=False, flip=True,
+                                   masks=True)
+        assert "2 images have a mask (0 from their alpha channel)" in report
+        encoded, _ = run_node(comfy, "LoraTrainerEncodeLatentsCache", dataset=dataset, vae=vae, clip=clip,
+                              cache_dir="cache_masks")
+        lora, _, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded,
+                                 **{**TRAIN, "steps": 2, "name": f"tests/masked{fill}"}, unmasked_weight=0.0,
+                                 weight_decay=0.0)
+        trained[fill] = max(layer.up.abs().max().item() for layer in lora.layers.values())
+    assert trained[0] == 0 and trained[255] > 0
+
+
+def test_regularisation_images_through_the_nodes_and_into_the_metadata(comfy, sd15, demo_folder):
+    """A second Load LoRA Dataset of class images mixed in at 1:1: the report counts them, the LoRA trains, and
+    the saved file counts training and class images apart."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
+    model, clip, vae = sd15
+    dogs = comfy.base / "input" / "class_dogs"
+    dogs.mkdir(exist_ok=True)
+    for image in sorted(demo_folder.glob("*.png"))[:3]:
+        shutil.copy(image, dogs / f"dog_{image.name}")
+        (dogs / f"dog_{image.stem}.txt").write_text("a pattern")
+    load = dict(resolution=128, bucket_multiple=64, strict=True, edit_pairs=False, random_crop=False, flip=False)
+    dataset, _ = run_node(comfy, "LoraTrainerLoadDataset", folder="rings", **load)
+    class_images, _ = run_node(comfy, "LoraTrainerLoadDataset", folder="class_dogs", **load)
+    mixed, report = run_node(comfy, "LoraTrainerRegularization", dataset=dataset, class_images=class_images,
+                             share=0.5, loss_weight=0.5)
+    assert report == "4 training images and 4 class images per epoch (3 of the 3 class images, at loss weight 0.5)"
+    (mixed,) = run_node(comfy, "LoraTrainerCaptionDropout", dataset=mixed, dropout=0.0, trigger_word="zkx",
+                        shuffle_tags=False, keep_tokens=1, shuffle_variants=1)
+    encoded, _ = run_node(comfy, "LoraTrainerEncodeLatentsCache", dataset=mixed, vae=vae, clip=clip,
+                          cache_dir="cache_reg")
+    assert len(encoded.data) == 8
+    lora, _, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded,
+                             **{**TRAIN, "steps": 2, "name": "tests/reg"})
+    (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name="tests/reg", format="auto", precision="fp32")
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    assert (metadata["ss_num_train_images"], metadata["ss_num_reg_images"]) == ("4", "4")
+    assert "a pattern" not in json.loads(metadata["ss_tag_frequency"]).get("class_dogs", {})
+    with pytest.raises(Exception, match="Regularisation Images: share must be a finite number"):
+        run_node(comfy, "LoraTrainerRegularization", dataset=dataset, class_images=class_images, share=float("nan"),
+                 loss_weight=1.0)

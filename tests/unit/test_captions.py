@@ -48,6 +48,19 @@ def test_trigger_is_prepended_once():
     assert policy.render("", rng) == "ohwx"
 
 
+def test_trigger_placeholder_puts_the_trigger_where_the_caption_says():
+    rng = random.Random(0)
+    assert CaptionPolicy(trigger="ohwx").render("a photo of {trigger}, garden", rng) == "a photo of ohwx, garden"
+    assert CaptionPolicy(trigger="ohwx").render("{trigger}", rng) == "ohwx"
+    assert CaptionPolicy().render("{trigger}", rng) == ""  # no trigger: the empty caption
+    assert CaptionPolicy().render("a photo of {trigger}", rng) == "a photo of"
+    shuffled = CaptionPolicy(trigger="ohwx", shuffle=True, keep_tokens=0)
+    for seed in range(20):  # the tags up to the trigger's stay first, never shuffled
+        assert shuffled.render("{trigger}, red hair, smiling, outdoors", random.Random(seed)).startswith("ohwx, ")
+        assert shuffled.render("a photo, {trigger} man, b, c, d", random.Random(seed)).startswith("a photo, ohwx man, ")
+    assert len(set(shuffled.variants("{trigger}, a, b, c", 4, seed=0))) == 4  # the rest still shuffles
+
+
 def test_multi_tag_trigger():
     policy = CaptionPolicy(trigger="ohwx,  man")
     rng = random.Random(0)

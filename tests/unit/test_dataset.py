@@ -241,6 +241,35 @@ def test_missing_caption(tmp_path):
     assert [s.image.name for s in report.samples] == ["good.png"]
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_images_without_captions_train_on_the_stand_in(tmp_path, strict):
+    make_pair(tmp_path, "good", caption="a dog, grass")
+    for stem in ("x", "y"):
+        make_image(tmp_path / f"{stem}.png")
+    report = scan_folder(tmp_path, strict=strict, missing_caption="a photo of {trigger}")
+    assert [(s.image.name, s.caption, s.uncaptioned) for s in report.samples] == [
+        ("good.png", "a dog, grass", False), ("x.png", "a photo of {trigger}", True),
+        ("y.png", "a photo of {trigger}", True)]
+    assert not report.problems
+    assert "2 images have no caption file and train on the caption 'a photo of {trigger}'." in report.text()
+    assert tag_frequency(report.samples) == {tmp_path.name: {"a dog": 1, "grass": 1}}
+
+
+def test_a_folder_of_photos_alone_trains_with_a_stand_in(tmp_path):
+    for stem in ("a", "b", "c"):
+        make_image(tmp_path / f"{stem}.jpg")
+    assert len(scan_folder(tmp_path, missing_caption="{trigger}").samples) == 3
+    with pytest.raises(DatasetError, match="3 problems"):  # without one, a caption file is still required
+        scan_folder(tmp_path)
+
+
+def test_a_stand_in_does_not_excuse_empty_or_unreadable_captions(tmp_path):
+    make_pair(tmp_path, "empty", caption="  ")
+    make_pair(tmp_path, "good")
+    error, report = problems_of(tmp_path, missing_caption="{trigger}")
+    assert_flagged(error, report, tmp_path / "empty.png", "empty caption")
+
+
 def test_empty_caption(tmp_path):
     make_pair(tmp_path, "good")
     bad = make_pair(tmp_path, "blank", "  \r\n ")

@@ -1,5 +1,6 @@
 """LoRA files: exact round trips, the keys each loader expects, metadata, atomic writes, diffusers' reader."""
 
+import datetime
 import hashlib
 import json
 import subprocess
@@ -8,12 +9,17 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors import safe_open
 
 from training import formats
-from training.formats import FORMATS, build_metadata, file_module_name, load_lora, save_lora
+from training.captions import CaptionPolicy
+from training.config import TrainConfig
+from training.denoiser import NoiseSchedule
+from training.formats import FORMATS, RunInfo, build_metadata, file_module_name, load_lora, save_lora
 from training.lora import LoraTensors
+from training.optim import OPTIMIZERS, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[2]
 LINEAR = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -198,7 +204,7 @@ def test_build_metadata_has_kohya_and_modelspec_keys():
         config={"steps": 500, "lr": 1e-4, "path": Path("/d")},
         tag_frequency={"10_cat": {"cat": 3}},
         trigger="sks cat",
-        started_at=1700000000.5,
+        run=RunInfo(started_at=1700000000.5),
     )
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     assert metadata["ss_network_module"] == "networks.lora"
@@ -212,6 +218,7 @@ def test_build_metadata_has_kohya_and_modelspec_keys():
     assert metadata["modelspec.sai_model_spec"] == "1.0.1"
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert metadata["modelspec.trigger_phrase"] == "sks cat"
+    assert metadata["ss_training_comment"] == "trigger: sks cat"
     assert metadata["modelspec.implementation"]
     assert time.strptime(metadata["modelspec.date"], "%Y-%m-%dT%H:%M:%S")
     assert metadata["lora_trainer.config"] == '{"lr": 0.0001, "path": "/d", "steps": 500}'
@@ -226,6 +233,125 @@ def test_build_metadata_has_kohya_and_modelspec_keys():
         config={},
     )
     assert square["modelspec.resolution"] == "1024x1024" and "modelspec.trigger_phrase" not in square
+    assert square["ss_training_comment"] == "None" and square["ss_learning_rate"] == "None"  # kohya's unset values
+
+
+# What a run of 3 images (one wide) in a kohya "3_cat" folder and 2 in the dataset's own folder looks like.
+RUN = RunInfo(
+    base_model="sd15.safetensors",
+    dataset="cats",
+    dataset_dirs={"3_cat": (3, 3), "cats": (1, 2)},
+    buckets={(512, 512): 8, (768, 320): 3},
+    mean_ar_error=0.05,
+    flip=True,
+    caption=CaptionPolicy(dropout=0.1, trigger="sks cat", shuffle=True, keep_tokens=1),
+    caption_variants=4,
+    started_at=1700000000.5,
+    finished_at=1700000600.25,
+    session_id=1234,
+)
+
+
+def _full_metadata(**settings) -> dict[str, str]:
+    config = TrainConfig(steps=100, learning_rate=5e-5, batch_size=2, grad_accum=2, seed=42, warmup_steps=10,
+                         lr_schedule="cosine", lora_dropout=0.1, noise_offset=0.05, **settings)
+    config = config.for_model("eps", NoiseSchedule(), torch.float16)
+    return build_metadata(base_model_version="sd_v1", architecture="stable-diffusion-v1/lora", rank=8, alpha=4.0,
+                          steps=60, resolution=512, title="cat", config=config.to_dict(),
+                          tag_frequency={"3_cat": {"cat": 3}}, run=RUN)
+
+
+def test_metadata_has_every_key_a1111_civitai_and_kohya_read_in_their_formats():
+    metadata = _full_metadata()
+    assert all(isinstance(v, str) for v in metadata.values())
+    expected = {
+        "ss_session_id": "1234", "ss_training_started_at": "1700000000.5", "ss_training_finished_at": "1700000600.25",
+        "ss_sd_model_name": "sd15.safetensors", "ss_clip_skip": "None", "ss_learning_rate": "5e-05",
+        "ss_unet_lr": "5e-05", "ss_optimizer": "torch.optim.adamw.AdamW(weight_decay=0.01)", "ss_seed": "42",
+        "ss_lr_scheduler": "cosine", "ss_lr_warmup_steps": "10", "ss_gradient_accumulation_steps": "2",
+        "ss_max_train_steps": "100", "ss_steps": "60", "ss_batch_size_per_device": "2", "ss_total_batch_size": "4",
+        "ss_min_snr_gamma": "5.0", "ss_noise_offset": "0.05", "ss_max_grad_norm": "1.0", "ss_mixed_precision": "fp16",
+        "ss_network_dropout": "0.1", "ss_caption_dropout_rate": "0.1", "ss_shuffle_caption": "True",
+        "ss_keep_tokens": "2",  # kohya counts the trigger (one comma-separated tag) too
+        "ss_flip_aug": "True", "ss_random_crop": "False", "ss_num_train_images": "11", "ss_num_reg_images": "0",
+        "ss_num_batches_per_epoch": "6",  # 8 square images in 4 batches, 3 wide ones in 2
+        "ss_num_epochs": "34", "ss_epoch": "20",  # 4 batches a step: 100 steps = 400 batches = 33.3 epochs
+        "ss_training_comment": "trigger: sks cat", "ss_cache_latents": "True", "ss_enable_bucket": "True",
+        "modelspec.prediction_type": "epsilon", "modelspec.trigger_phrase": "sks cat",
+    }
+    assert {key: metadata.get(key) for key in expected} == expected
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"3_cat": {"n_repeats": 3, "img_count": 3},
+                                                       "cats": {"n_repeats": 1, "img_count": 2}}
+    assert json.loads(metadata["ss_bucket_info"]) == {
+        "buckets": {"0": {"resolution": [512, 512], "count": 8}, "1": {"resolution": [768, 320], "count": 3}},
+        "mean_img_ar_error": 0.05,
+    }
+    assert json.loads(metadata["lora_trainer.run"]) == {
+        "base_model": "sd15.safetensors", "dataset": "cats", "bucket_multiple": 64, "flip": True,
+        "random_crop": False, "guidance": None,
+        "caption": {"trigger": "sks cat", "dropout": 0.1, "shuffle": True, "keep_tokens": 1, "variants": 4},
+    }
+    assert json.loads(metadata["lora_trainer.config"])["learning_rate"] == 5e-5
+    # numbers parse as numbers; A1111 shows the training date from the start time
+    for key in ("ss_learning_rate", "ss_training_started_at", "ss_training_finished_at", "ss_max_grad_norm"):
+        float(metadata[key])
+    assert datetime.datetime.fromtimestamp(float(metadata["ss_training_started_at"])).year == 2023
+
+
+def test_metadata_of_a_flow_model_and_kohyas_names_for_our_options():
+    flow = TrainConfig(optimizer="sgd", precision="fp32", min_snr_gamma=5.0).for_model("flow", NoiseSchedule(),
+                                                                                      torch.bfloat16)
+    metadata = build_metadata(base_model_version="flux1", architecture="flux-1-dev/lora", rank=4, alpha=4.0,
+                              steps=1, resolution=1024, title="t", config=flow.to_dict())
+    assert metadata["modelspec.prediction_type"] == "flow"
+    assert metadata["ss_min_snr_gamma"] == "None"  # off: kohya's None (0 would weight every loss by 0)
+    assert metadata["ss_mixed_precision"] == "no"
+    assert metadata["ss_optimizer"] == "torch.optim.sgd.SGD(momentum=0.9,weight_decay=0.01)"
+    assert metadata["ss_sd_model_name"] == "None" and metadata["ss_num_train_images"] == "0"
+    assert "modelspec.trigger_phrase" not in metadata and metadata["ss_training_comment"] == "None"
+    huber = build_metadata(base_model_version="sd_v1", architecture="stable-diffusion-v1/lora", rank=4, alpha=4.0,
+                           steps=1, resolution=512, title="t", config={"loss": "mse", "huber_c": 0.1,
+                                                                       "huber_schedule": "snr"})
+    assert (huber["ss_loss_type"], huber["ss_huber_c"], huber["ss_huber_schedule"]) == ("l2", "0.1", "snr")
+
+
+def test_kohya_optimizer_names_are_the_classes_the_optimizers_are():
+    """ss_optimizer names the class make_optimizer builds (kohya's module.Class form)."""
+    for name, spec in OPTIMIZERS.items():
+        if spec.missing():
+            continue
+        built = type(make_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], 1e-3, 0.0))
+        assert spec.kohya_name(0.0).startswith(f"{built.__module__}.{built.__name__}("), name
+
+
+def _addnet_hash_safetensors(data: bytes) -> str:
+    """A1111 modules/hashes.py and kohya train_util.addnet_hash_safetensors: SHA-256 of what follows the header."""
+    header_length = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + header_length:]).hexdigest()
+
+
+def _addnet_hash_legacy(data: bytes) -> str:
+    """kohya train_util.addnet_hash_legacy: SHA-256 of the 64 KiB at offset 1 MiB, first 8 hex digits."""
+    return hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def test_stored_hashes_are_the_ones_a1111_and_kohya_compute(tmp_path):
+    """Read back from disk and recomputed the loaders' way: A1111's addnet hash of the file itself, and kohya's
+    legacy hash of the file written with its ss_* metadata only (as precalculate_safetensors_hashes does)."""
+    torch.manual_seed(0)
+    big = {f"blocks.{i}.proj": LoraTensors(torch.randn(8, 20_000), torch.randn(20_000, 8), 8.0) for i in range(2)}
+    path = save_lora(tmp_path / "big.safetensors", big, format="kohya", metadata=_full_metadata())
+    data = path.read_bytes()
+    assert len(data) > 0x110000  # the legacy hash reads real bytes
+    assert data[8:10] == b'{"'  # A1111's read_metadata_from_safetensors requires this start
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    stored = header["__metadata__"]
+    assert stored["sshs_model_hash"] == _addnet_hash_safetensors(data)
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    training_only = safetensors.torch.save(tensors, {k: v for k, v in stored.items() if k.startswith("ss_")})
+    assert stored["sshs_legacy_hash"] == _addnet_hash_legacy(training_only)
+    assert _addnet_hash_safetensors(training_only) == stored["sshs_model_hash"]
 
 
 @pytest.mark.parametrize("failing", ["fsync", "replace"])

@@ -1,6 +1,7 @@
 """The loop's promises: exact resume, cancel keeps the work, NaN guard, progress, no side effects."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -54,6 +55,24 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
         train(changed, ToyDenoiser(), toy_data(), resume_from=str(tmp_path))
     longer = TrainConfig(**{**config.to_dict(), "steps": 15})
     assert train(longer, ToyDenoiser(), toy_data(), resume_from=str(tmp_path)).steps_done == 15
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    """A pack update adds settings; a checkpoint written before them knows none, and they had their defaults."""
+    config = TrainConfig(steps=10, checkpoint_every=5, checkpoint_dir=str(tmp_path), **BASE)
+    whole = train(config, ToyDenoiser(), toy_data())
+    state_file = list_checkpoints(tmp_path)[0] / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    for added in ("loss", "huber_c", "huber_schedule", "ema_decay", "ema_start", "unmasked_weight"):
+        del state["config"][added]
+    state["trajectory_hash"] = "from-an-older-pack"
+    torch.save(state, state_file)
+    for newer in list_checkpoints(tmp_path)[1:]:
+        shutil.rmtree(newer)
+    resumed = train(config, ToyDenoiser(), toy_data(), resume_from=str(tmp_path))
+    assert resumed.first_step == 5 and _max_diff(resumed.lora, whole.lora) <= 1e-6
+    with pytest.raises(ValueError, match=r"different settings: \['loss'\]"):
+        train(TrainConfig(**{**config.to_dict(), "loss": "l1"}), ToyDenoiser(), toy_data(), resume_from=str(tmp_path))
 
 
 def test_checkpoints_are_pruned_to_the_newest(tmp_path):

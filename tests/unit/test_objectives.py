@@ -1,5 +1,6 @@
 """Objectives against the formulas and against diffusers' own schedulers and helpers."""
 
+import dataclasses
 import math
 
 import pytest
@@ -10,10 +11,11 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from training.objectives import (
     DDPMObjective,
     FlowObjective,
+    denoising_loss,
     flux_mu,
+    huber_threshold,
     make_objective,
     shift_sigmas,
-    weighted_mse,
 )
 
 
@@ -114,12 +116,56 @@ def test_sd3_weightings():
     torch.testing.assert_close(cosmap, 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2)))
 
 
-def test_weighted_mse_weights_each_sample():
+def test_the_loss_weights_each_sample():
     x0, noise = _x0_noise((2, 1, 2, 2))
     batch = DDPMObjective("eps").make(x0, noise, torch.tensor([5, 5]))
     pred = batch.target.clone()
     pred[0] += 1.0
-    assert weighted_mse(pred, batch).item() == pytest.approx(0.5)
+    assert denoising_loss(pred, batch).item() == pytest.approx(0.5)
+    weighted = DDPMObjective("eps", min_snr_gamma=1.0).make(x0, noise, torch.tensor([900, 900]))
+    pred = weighted.target + 1.0
+    for loss in ("mse", "l1", "huber", "smooth_l1"):  # every loss comes after the objective's weighting
+        assert denoising_loss(pred, weighted, loss).item() == pytest.approx(
+            denoising_loss(pred, dataclasses.replace(weighted, weight=torch.ones(2)), loss).item()
+            * weighted.weight[0].item())
+
+
+@pytest.mark.parametrize("objective", [DDPMObjective("eps"), FlowObjective()])
+def test_losses_by_their_formulas(objective):
+    x0, noise = _x0_noise((3, 2, 4, 4))
+    timestep = torch.tensor([100, 500, 900]) if isinstance(objective, DDPMObjective) else torch.tensor([.1, .5, .9])
+    batch = objective.make(x0, noise, timestep)
+    pred = batch.target + torch.linspace(-3, 3, batch.target.numel()).view_as(batch.target)
+    error = (pred - batch.target).flatten(1)
+    assert denoising_loss(pred, batch, "mse").item() == pytest.approx((error**2).mean().item(), rel=1e-5)
+    assert denoising_loss(pred, batch, "l1").item() == pytest.approx(error.abs().mean().item(), rel=1e-5)
+    c = huber_threshold(batch, 0.1, "constant")
+    torch.testing.assert_close(c, torch.full((3,), 0.1))
+    pseudo_huber = 2 * c[:, None] * (torch.sqrt(error**2 + c[:, None] ** 2) - c[:, None])
+    assert denoising_loss(pred, batch, "huber", 0.1, "constant").item() == pytest.approx(
+        pseudo_huber.mean().item(), rel=1e-5)
+    assert denoising_loss(pred, batch, "smooth_l1", 0.1, "constant").item() == pytest.approx(
+        (pseudo_huber / c[:, None]).mean().item(), rel=1e-5)
+    # small errors: huber ~ mse; large: ~ 2c|e| (linear, robust)
+    tiny = batch.target + 1e-3
+    assert denoising_loss(tiny, batch, "huber", 0.1, "constant").item() == pytest.approx(1e-6, rel=1e-2)
+
+
+@pytest.mark.parametrize("objective", [DDPMObjective("eps"), FlowObjective()])
+def test_huber_schedules_run_from_one_without_noise_to_c_at_full_noise(objective):
+    x0, noise = _x0_noise((3, 1, 2, 2))
+    timestep = torch.tensor([0, 500, 999]) if isinstance(objective, DDPMObjective) else torch.tensor([0, .5, .999])
+    batch = objective.make(x0, noise, timestep)
+    for schedule in ("snr", "exponential"):
+        c = huber_threshold(batch, 0.1, schedule)
+        assert c[0].item() == pytest.approx(1.0, abs=0.06) and c[2].item() == pytest.approx(0.1, abs=0.02)
+        assert c[0] > c[1] > c[2], schedule
+    expected = 0.1 ** (timestep.float() / (1000 if isinstance(objective, DDPMObjective) else 1))
+    torch.testing.assert_close(huber_threshold(batch, 0.1, "exponential"), expected)
+    with pytest.raises(ValueError, match="snr"):
+        huber_threshold(batch, 0.1, "linear")
+    with pytest.raises(ValueError, match="smooth_l1"):
+        denoising_loss(batch.target, batch, "l3")
 
 
 def test_unknown_names_list_the_valid_ones():
