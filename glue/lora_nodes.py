@@ -46,11 +46,15 @@ class TrainedLora:
 
     @property
     def rank(self) -> int:
-        return next(iter(self.layers.values())).rank
+        return int(self.config["rank"])
 
     @property
     def alpha(self) -> float:
-        return next(iter(self.layers.values())).alpha
+        return float(self.config["alpha"] or self.rank)
+
+    @property
+    def kind(self) -> str:
+        return self.config.get("adapter", "lora")
 
     @staticmethod
     def run_info(model, encoded, result, guidance: float | None = None) -> RunInfo:
@@ -120,12 +124,13 @@ def _dataset_name(folder: str) -> str:
 def file_layers(lora: TrainedLora, format: str = "auto") -> tuple[str, dict[str, LoraTensors], str | None]:
     """(format, layers under the names the file uses, key prefix) for a ``format`` file of ``lora``."""
     family = lora.family
-    format = family.file_format if format == "auto" else format
+    formats = [f for f in family.formats if lora.kind == "lora" or f != "diffusers"]  # diffusers: plain LoRA only
+    format = formats[0] if format == "auto" else format
     if format not in SAVE_FORMATS:
         raise ValueError(f"Unknown LoRA format {format!r}; choose one of {list(SAVE_FORMATS)}")
-    if format not in family.formats:
-        raise ValueError(f"ComfyUI does not load {family.name} LoRAs in the {format!r} format; choose one of "
-                         f"{list(family.formats)} (or 'auto': {family.file_format})")
+    if format not in formats:
+        raise ValueError(f"ComfyUI does not load {family.name} {lora.kind} files in the {format!r} format; choose one "
+                         f"of {formats} (or 'auto': {formats[0]})")
     layers = lora.layers
     if format == "kohya" and family.rename is not None:
         names = family.rename(sorted(layers))
@@ -181,8 +186,8 @@ class SaveLora(io.ComfyNode):
                 io.String.Input("name", default="lora_trainer/my_lora", tooltip="File name inside models/loras; "
                                 "'/' makes subfolders. An existing file of that name is replaced."),
                 io.Combo.Input("format", options=list(SAVE_FORMATS), default="auto", tooltip="auto: the family's "
-                               "portable format (kohya for SD/SDXL/FLUX, diffusers-style for Qwen). comfy: "
-                               "ComfyUI-only generic keys."),
+                               "portable format (kohya for SD/SDXL/FLUX, diffusers-style for Qwen; kohya for a "
+                               "DoRA/LoHa/LoKr). comfy: ComfyUI-only generic keys."),
                 io.Combo.Input("precision", options=list(DTYPES), default="fp32", tooltip="fp16/bf16 halve the "
                                "file; fp32 keeps it identical to what Apply LoRA uses."),
             ],

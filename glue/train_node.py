@@ -13,6 +13,7 @@ from ..training.checkpoint import list_checkpoints
 from ..training.config import TrainConfig
 from ..training.dataset import tag_frequency
 from ..training.loop import TrainingFailed, TrainResult, train
+from ..training.lora import KIND_NAMES
 from ..training.memory import remade_weights
 from .bridge import (
     ComfyDenoiser,
@@ -55,7 +56,7 @@ REQUIRED = ("model", "encoded", "steps", "learning_rate", "rank", "alpha", "targ
 OPTIONAL = ("optimizer", "weight_decay", "lr_schedule", "warmup_steps", "grad_accum", "loss", "huber_c",
             "huber_schedule", "unmasked_weight", "ema_decay", "ema_start", "timestep_sampling", "min_snr_gamma", "noise_offset",
             "precision", "flux_guidance", "gradient_checkpointing", "memory_budget_gb", "checkpoint_every", "resume",
-            "samples")
+            "adapter", "samples")  # new inputs go last: saved workflows keep their widgets' order
 # Options that do nothing for a kind of model; the report names them.
 INERT = {"flow": ("min_snr_gamma", "noise_offset"), "ddpm": ("timestep_sampling",)}
 RANK_DEFAULT = TrainConfig.options()["rank"][0]
@@ -184,7 +185,7 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
         interrupt_now()
     last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
     trained = result.steps_done - result.first_step
-    report = (f"{family.name} LoRA, {result.objective}, rank {config.rank}, {len(lora.layers)} layers, "
+    report = (f"{family.name} {KIND_NAMES[config.adapter]}, {result.objective}, rank {config.rank}, {len(lora.layers)} layers, "
               f"{result.steps_done} steps, final loss {last}"
               + (f", {config.optimizer}, {config.loss} loss" if (config.optimizer, config.loss) != ("adamw", "mse")
                  else "")

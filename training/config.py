@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .denoiser import NoiseSchedule
-from .lora import LORA_INITS
+from .lora import KINDS, LORA_INITS
 from .objectives import (
     FLOW_SAMPLINGS,
     FLOW_WEIGHTINGS,
@@ -76,6 +76,11 @@ class TrainConfig:
     alpha: float = _option(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).", min=0.0, max=1024.0, step=0.5)
     lora_dropout: float = _option(0.0, "Dropout on the LoRA path while training.", min=0.0, max=0.99, step=0.01)
     lora_init: str = _option("kaiming", "LoRA A initialisation (B starts at zero).", choices=tuple(LORA_INITS))
+    adapter: str = _option("lora", "The adapter kind. lora: the usual, every loader reads it. dora: LoRA plus a "
+                           "learned magnitude per output row (ComfyUI and Forge load it, A1111 does not). loha: the "
+                           "elementwise product of two LoRAs, rank r^2 from two rank-r pairs (styles, many concepts). "
+                           "lokr: a Kronecker product, the fewest parameters (styles). loha and lokr want a higher "
+                           "learning rate than lora.", choices=KINDS)
     targets: tuple[str, ...] | str = ("to_q", "to_k", "to_v", "to_out.0")  # name suffixes, or one regex
     # objective
     objective: str = _option("auto", "auto reads the model: eps/v-prediction models get DDPM targets, flow models "

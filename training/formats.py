@@ -7,6 +7,10 @@ Keys per format (``<m>`` is the module path the caller already renamed for the t
 - ``diffusers``: ``transformer.<m>.lora_A.weight`` / ``.lora_B.weight``, alpha/rank baked into B,
   no ``.alpha`` key (diffusers drops it for A/B files while ComfyUI applies it; baking agrees with both).
 
+DoRA, LoHa and LoKr layers (comfy and kohya only) keep LyCORIS's names after ``<m>.``, which ComfyUI, A1111 and
+Forge read: ``dora_scale`` beside the LoRA pair, ``hada_w1_a`` ... ``hada_w2_b``, ``lokr_w1(_a/_b)`` and
+``lokr_w2(_a/_b)``, each with ``.alpha``.
+
 Files are written atomically: a crash or kill mid-write never leaves a partial file at the final path.
 """
 
@@ -29,7 +33,7 @@ import torch
 
 from .captions import CaptionPolicy
 from .files import atomic_path
-from .lora import LoraTensors
+from .lora import LoraTensors, kind_of
 from .optim import OPTIMIZERS
 
 FORMATS = ("comfy", "kohya", "diffusers")
@@ -39,18 +43,12 @@ DOTTED_PREFIXES = ("diffusion_model", "transformer", "unet")
 KOHYA_PREFIXES = ("lora_unet", "lora_transformer")
 IMPL_COMFYUI = "https://github.com/comfyanonymous/ComfyUI"
 
-_SUFFIXES = {
-    "comfy": (".lora_down.weight", ".lora_up.weight"),
-    "kohya": (".lora_down.weight", ".lora_up.weight"),
-    "diffusers": (".lora_A.weight", ".lora_B.weight"),
-}
-_PARTS = {
-    ".lora_down.weight": "down",
-    ".lora_up.weight": "up",
-    ".lora_A.weight": "down",
-    ".lora_B.weight": "up",
-    ".alpha": "alpha",
-}
+# A key's ending -> the name LoraTensors gives that tensor (a diffusers file's A/B are LoRA's down/up)
+_PARTS = {f".{name}": name for name in (
+    "lora_down.weight", "lora_up.weight", "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha")}
+_PARTS |= {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight"}
+_DIFFUSERS_PARTS = (".lora_A.weight", ".lora_B.weight")
 
 
 def file_module_name(path: str, *, format: str, prefix: str | None = None) -> str:
@@ -71,24 +69,27 @@ def to_state_dict(
     _check_format(format)
     if not layers:
         raise ValueError("No LoRA layers to save: the adapter is empty (were any target modules matched?)")
-    down_suffix, up_suffix = _SUFFIXES[format]
     out: dict[str, torch.Tensor] = {}
     for path, lora in sorted(layers.items()):
-        if lora.up.shape[1] != lora.rank:
+        kind = lora.kind
+        if kind in ("lora", "dora") and lora.up.shape[1] != lora.rank:
             raise ValueError(
                 f"LoRA {path}: down has rank {lora.rank} but up has {lora.up.shape[1]} columns "
                 f"(shapes {tuple(lora.down.shape)} / {tuple(lora.up.shape)})"
             )
         name = file_module_name(path, format=format, prefix=prefix)
-        up = lora.up.detach()
-        if format == "diffusers":  # bake alpha/rank in; computed in fp32 so rounding happens once
-            up = up.float() * lora.scale
-        out[name + down_suffix] = _cpu(lora.down.detach(), dtype or lora.down.dtype)
-        out[name + up_suffix] = _cpu(up, dtype or lora.up.dtype)
-        if format != "diffusers":
-            # kohya writes alpha in the weights' dtype; every loader reads it with .item(), so fp32 is
-            # exact everywhere (a bf16 alpha would round values such as 0.3).
-            out[name + ".alpha"] = torch.tensor(float(lora.alpha), dtype=torch.float32)
+        if format == "diffusers":
+            if kind != "lora":
+                raise ValueError(f"A {kind} adapter has no diffusers layout; save it in the kohya or comfy format")
+            up = lora.up.detach().float() * lora.scale  # alpha/rank baked in, in fp32 so rounding happens once
+            out[name + ".lora_A.weight"] = _cpu(lora.down.detach(), dtype or lora.down.dtype)
+            out[name + ".lora_B.weight"] = _cpu(up, dtype or lora.up.dtype)
+            continue
+        for part, tensor in lora.tensors.items():
+            out[f"{name}.{part}"] = _cpu(tensor.detach(), dtype or tensor.dtype)
+        # kohya writes alpha in the weights' dtype; every loader reads it with .item(), so fp32 is
+        # exact everywhere (a bf16 alpha would round values such as 0.3).
+        out[name + ".alpha"] = torch.tensor(float(lora.alpha), dtype=torch.float32)
     return out
 
 
@@ -120,7 +121,8 @@ def save_lora(
 def load_lora(
     path: str | os.PathLike[str], module_paths: Iterable[str] | None = None
 ) -> tuple[dict[str, LoraTensors], dict[str, str]]:
-    """Read a comfy/kohya/diffusers LoRA file: (layers keyed by module path, metadata).
+    """Read a comfy/kohya/diffusers LoRA file (LoRA, DoRA, LoHa or LoKr layers): (layers keyed by module path,
+    metadata).
 
     ``module_paths`` (the names the layers should come back under) is needed to recover dotted names
     from kohya files; every layer in the file must then match one of them. Without it, kohya layers
@@ -133,14 +135,16 @@ def load_lora(
     names = _resolve(groups, fmt, prefix, module_paths, source)
     layers: dict[str, LoraTensors] = {}
     for name, module_path in sorted(names.items(), key=lambda item: item[1]):
-        parts = groups[name]
-        down, up = parts["down"], parts["up"]
-        if up.shape[1] != down.shape[0]:
+        parts = dict(groups[name])
+        alpha = parts.pop("alpha", None)
+        lora = LoraTensors(parts, 0.0)
+        if lora.kind in ("lora", "dora") and lora.up.shape[1] != lora.down.shape[0]:
             raise ValueError(
-                f"{source}: {name} has down {tuple(down.shape)} and up {tuple(up.shape)}, whose ranks differ"
+                f"{source}: {name} has down {tuple(lora.down.shape)} and up {tuple(lora.up.shape)}, whose ranks "
+                "differ"
             )
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
-        layers[module_path] = LoraTensors(down, up, alpha)
+        lora.alpha = float(alpha.item()) if alpha is not None else float(lora.rank or 1)
+        layers[module_path] = lora
     return layers, metadata
 
 
@@ -197,8 +201,6 @@ def build_metadata(
     tag_frequency: Mapping[str, Mapping[str, int]] | None = None,
     trigger: str = "",
     v2: bool = False,
-    network_module: str = "networks.lora",
-    network_args: Mapping[str, object] | None = None,
     implementation: str = IMPL_COMFYUI,
     run: RunInfo | None = None,
 ) -> dict[str, str]:
@@ -209,6 +211,7 @@ def build_metadata(
     ``architecture`` the model spec's (``stable-diffusion-v1/lora``, ``flux-1-dev/lora``, ...);
     ``config`` is ``TrainConfig.to_dict()`` (settings it lacks are written as kohya writes unset ones: "None");
     ``tag_frequency`` is ``{"<repeats>_<dir>": {tag: count}}``; ``trigger`` defaults to the caption policy's.
+    The adapter kind (``config["adapter"]``) is told as kohya and LyCORIS do (``ss_network_module``/``_args``).
     Values are formatted as kohya's (``str()`` of the value; JSON for nested ones), which A1111 and Civitai read.
     """
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
@@ -225,10 +228,7 @@ def build_metadata(
         "ss_training_finished_at": str(finished),
         "ss_output_name": title,
         "ss_sd_model_name": run.base_model or "None",
-        "ss_network_module": network_module,
-        "ss_network_dim": str(int(rank)),
-        "ss_network_alpha": str(float(alpha)),
-        "ss_network_args": json.dumps(dict(network_args or {}), sort_keys=True),
+        **_network_keys(str(config.get("adapter") or "lora"), rank, alpha),
         "ss_base_model_version": base_model_version,
         "ss_v2": str(bool(v2)),
         "ss_clip_skip": str(run.clip_skip),
@@ -254,6 +254,18 @@ def build_metadata(
     if run.clip_skip is not None:
         metadata["modelspec.encoder_layer"] = str(run.clip_skip)
     return metadata
+
+
+def _network_keys(kind: str, rank: int, alpha: float) -> dict[str, str]:
+    """How kohya's sd-scripts (plain LoRA) and LyCORIS's kohya network (the rest) record the network; LyCORIS's
+    arguments are strings, as parsed from its command line."""
+    args = {"lora": {}, "dora": {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"},
+            "loha": {"algo": "loha", "conv_dim": str(int(rank)), "conv_alpha": str(float(alpha)),
+                     "use_tucker": "False"},
+            "lokr": {"algo": "lokr", "factor": "-1", "decompose_both": "False"}}[kind]
+    return {"ss_network_module": "networks.lora" if kind == "lora" else "lycoris.kohya",
+            "ss_network_dim": str(int(rank)), "ss_network_alpha": str(float(alpha)),
+            "ss_network_args": json.dumps(args, sort_keys=True)}
 
 
 def _settings_keys(config: Mapping[str, object], run: RunInfo, steps: int) -> dict[str, str]:
@@ -390,7 +402,7 @@ def _read(source: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def _group(
     tensors: Mapping[str, torch.Tensor], source: Path
 ) -> tuple[dict[str, dict[str, torch.Tensor]], set[str]]:
-    """(module name -> {"down", "up", "alpha"}, suffix styles seen); unknown keys and lone halves raise."""
+    """(module name -> {tensor name: tensor}, suffix styles seen); unknown keys and incomplete layers raise."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     styles, unknown = set(), []
     for key, tensor in tensors.items():
@@ -400,21 +412,17 @@ def _group(
             continue
         groups.setdefault(key[: -len(suffix)], {})[_PARTS[suffix]] = tensor
         if suffix != ".alpha":
-            styles.add("diffusers" if suffix in _SUFFIXES["diffusers"] else "kohya")
+            styles.add("diffusers" if suffix in _DIFFUSERS_PARTS else "kohya")
     if unknown:
         raise ValueError(
-            f"{source} has keys that are not plain LoRA down/up/alpha tensors (LoCon/LoHa/DoRA/.diff are not "
-            f"supported): {sorted(unknown)[:10]}"
+            f"{source} has keys that are not LoRA, DoRA, LoHa or LoKr tensors (LoCon's lora_mid, Tucker "
+            f"hada_t/lokr_t, OFT and .diff are not read): {sorted(unknown)[:10]}"
         )
     for name, parts in groups.items():
-        for part, partner in (("down", "up"), ("up", "down")):
-            if part in parts and partner not in parts:
-                key = next(name + s for s, p in _PARTS.items() if p == part and name + s in tensors)
-                raise ValueError(f"{source}: {key} has no matching {partner} weight; the file is incomplete")
-        if "down" not in parts:
-            raise ValueError(
-                f"{source}: {name}.alpha has no lora_down/lora_up weights; the file is incomplete"
-            )
+        try:
+            kind_of({part: tensor for part, tensor in parts.items() if part != "alpha"})
+        except ValueError as error:
+            raise ValueError(f"{source}: {name} is {error}") from error
     return groups, styles
 
 

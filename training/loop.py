@@ -184,7 +184,7 @@ def train(
     with torch.random.fork_rng(devices=devices):  # the host's global RNG is left as it was
         torch.manual_seed(config.seed)  # LoRA init and dropout follow the seed
         attachment = LoraAttachment(module, config.targets, rank=config.rank, alpha=config.lora_alpha,
-                                    dropout=config.lora_dropout, init=config.lora_init, initial=initial_lora,
+                                    kind=config.adapter, dropout=config.lora_dropout, init=config.lora_init, initial=initial_lora,
                                     device=device)
         stream = BatchStream(data, config.batch_size, config.seed, device, dtype=None)
         try:
@@ -450,7 +450,11 @@ def _fit_memory(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjectiv
         _set_gradient_checkpointing(denoiser, True)
         need = needs()
         log.info("gradient checkpointing on: a step keeps %.0f MiB", need / 2**20)
-    if need > free and hasattr(denoiser, "offload"):
+    if need > free and hasattr(denoiser, "offload") and config.adapter == "dora":
+        # peft's DoRA reads each base weight whole on the compute device (the norm of its rows) every step
+        log.warning("a DoRA step needs %.0f MiB more than the budget and cannot keep frozen weights in CPU memory; "
+                    "choose lora (which can) or a smaller batch or resolution", (need - free) / 2**20)
+    elif need > free and hasattr(denoiser, "offload"):
         moved = denoiser.offload(need - free)
         log.info("kept %.0f MiB of frozen weights in CPU memory to fit the step", moved / 2**20)
     return checkpointing

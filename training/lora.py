@@ -1,18 +1,19 @@
-"""LoRA adapters on any nn.Module, through peft.
+"""LoRA adapters on any nn.Module, through peft: plain LoRA, DoRA, LoHa and LoKr.
 
 An adapter is described engine-wide as ``dict[str, LoraTensors]``: module path (relative to the
-denoiser's root module, dots as in ``named_modules``) -> its down/up matrices and alpha.
+denoiser's root module, dots as in ``named_modules``) -> its tensors as LoRA files name them, and alpha.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.functional import (
     cast_adapter_dtype,
     get_peft_model_state_dict,
@@ -25,27 +26,83 @@ ADAPTER = "default"
 # B = 0 in every case, so step 0 is the base model exactly.
 LORA_INITS = {"kaiming": True, "gaussian": "gaussian"}
 ALL_LINEAR = "all-linear"  # targets value: every Linear layer in the module (is_linear)
+# The adapter kinds: what peft trains and ComfyUI's comfy/weight_adapter loads (LyCORIS's file keys for the last
+# three). lora: a low-rank update; dora: LoRA plus a learned magnitude per output row (closer to full fine-tuning
+# at the same rank); loha: a Hadamard product of two low-rank pairs (rank r reaches rank r^2); lokr: a Kronecker
+# product (small files, suited to styles).
+KINDS = ("lora", "dora", "loha", "lokr")
+KIND_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
+# peft's state-dict names -> the file's, where they differ (peft's LoHa and LoKr names are LyCORIS's own)
+_FILE_NAMES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+               "lora_magnitude_vector": "dora_scale"}
+_PEFT_NAMES = {file: peft for peft, file in _FILE_NAMES.items()}
+_PEFT_KEY = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector|hada_\w+|lokr_\w+)$")
 
 
 @dataclass
 class LoraTensors:
-    """One adapted layer: delta W = up @ down * (alpha / rank)."""
+    """One adapted layer as LoRA files hold it: ``tensors`` keyed by the name that follows the layer's in the
+    file (``lora_down.weight`` and ``lora_up.weight``; DoRA adds ``dora_scale``, one magnitude per output row
+    shaped [out, 1, ...]; LoHa has ``hada_w1_a`` ... ``hada_w2_b``; LoKr ``lokr_w1`` or ``lokr_w1_a``/``_b``
+    and ``lokr_w2`` or ``lokr_w2_a``/``_b``), and alpha. The update is scaled by alpha / rank."""
 
-    down: torch.Tensor  # [rank, in] for Linear, [rank, in, kh, kw] for Conv2d
-    up: torch.Tensor  # [out, rank] for Linear, [out, rank, 1, 1] for Conv2d
+    tensors: dict[str, torch.Tensor]
     alpha: float
 
+    @classmethod
+    def lora(cls, down: torch.Tensor, up: torch.Tensor, alpha: float) -> LoraTensors:
+        """A plain LoRA layer: delta W = up @ down * alpha / rank; down [rank, in(, kh, kw)], up [out, rank(, 1, 1)]."""
+        return cls({"lora_down.weight": down, "lora_up.weight": up}, alpha)
+
     @property
-    def rank(self) -> int:
-        return self.down.shape[0]
+    def kind(self) -> str:
+        return kind_of(self.tensors)
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self.tensors["lora_down.weight"]
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self.tensors["lora_up.weight"]
+
+    @property
+    def rank(self) -> int | None:
+        """ComfyUI's (and LyCORIS's) rank: the inner size of the low-rank factors; None for a LoKr whose two
+        factors are both full, which has no rank and is not scaled."""
+        t = self.tensors
+        if "lora_down.weight" in t:
+            return t["lora_down.weight"].shape[0]
+        if "hada_w1_b" in t:
+            return t["hada_w1_b"].shape[0]
+        low_rank = t.get("lokr_w2_b", t.get("lokr_w1_b"))
+        return None if low_rank is None else low_rank.shape[0]
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return 1.0 if self.rank is None else self.alpha / self.rank
+
+
+def kind_of(tensors: Mapping[str, object]) -> str:
+    """The adapter kind of one layer's tensors (keyed as in a file); a layer with parts missing raises."""
+    names = set(tensors)
+    if names & {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}:
+        kind, needed = "loha", [{"hada_w1_a"}, {"hada_w1_b"}, {"hada_w2_a"}, {"hada_w2_b"}]
+    elif any(name.startswith("lokr_") for name in names):
+        kind, needed = "lokr", [{"lokr_w1", "lokr_w1_a"}, {"lokr_w2", "lokr_w2_a"}]
+        needed += [{f"lokr_w{i}_b"} for i in (1, 2) if f"lokr_w{i}_a" in names]
+    else:
+        kind, needed = ("dora" if "dora_scale" in names else "lora"), [{"lora_down.weight"}, {"lora_up.weight"}]
+    missing = [" or ".join(sorted(options)) for options in needed if not options & names]
+    if missing:
+        raise ValueError(f"a {kind} layer without {', '.join(missing)} (it has {sorted(names)}): the file is "
+                         "incomplete")
+    return kind
 
 
 class LoraAttachment:
-    """LoRA layers injected by peft into ``module`` in place; ``remove()`` restores the module tree.
+    """Adapter layers (``kind``: one of KINDS) injected by peft into ``module`` in place; ``remove()`` restores the
+    module tree.
 
     peft's public functional API does the work: ``inject_adapter_in_model`` wraps the targets (Linear and its
     subclasses such as ComfyUI's ops, Conv2d), ``get/set_peft_model_state_dict`` read and write the adapter,
@@ -61,6 +118,7 @@ class LoraAttachment:
         *,
         rank: int,
         alpha: float,
+        kind: str = "lora",
         dropout: float = 0.0,
         init: str = "kaiming",
         initial: Mapping[str, LoraTensors] | None = None,
@@ -75,18 +133,17 @@ class LoraAttachment:
             targets = sorted(initial)
         elif targets == ALL_LINEAR:
             targets = [name for name, m in module.named_modules() if is_linear(m)]
-        self.module, self.alpha = module, float(alpha)
+        self.module, self.alpha, self.kind = module, float(alpha), kind
         self._requires_grad = {name: p.requires_grad for name, p in module.named_parameters()}
         self._attributes = set(vars(module))  # peft notes its config on the module (peft_config)
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            target_modules=list(targets) if not isinstance(targets, str) else targets,
-            init_lora_weights=LORA_INITS[init],
-        )
+        config = _peft_config(kind, rank, alpha, dropout, init,
+                              list(targets) if not isinstance(targets, str) else targets)
         # peft wraps torch's Linear and its subclasses by itself; a Linear of another class by its Linear wrapper
         other_linears = {type(m) for m in module.modules() if is_linear(m) and not isinstance(m, torch.nn.Linear)}
+        if other_linears and kind != "lora":
+            raise ValueError(f"{kind} cannot adapt layers of {sorted(c.__name__ for c in other_linears)} (quantised "
+                             "weights): peft trains it on torch's Linear only. Choose lora, or load the model in "
+                             "bf16/fp16/fp8")
         if other_linears:
             config._register_custom_module(dict.fromkeys(other_linears, peft_lora.Linear))
         try:
@@ -95,9 +152,11 @@ class LoraAttachment:
                 warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)
                 inject_adapter_in_model(config, module, adapter_name=ADAPTER)
         except ValueError as error:
-            raise ValueError(f"Could not attach LoRA to targets {targets!r}: {error}") from error
+            raise ValueError(f"Could not attach {kind} to targets {targets!r}: {error}") from error
         cast_adapter_dtype(module, ADAPTER)
-        self.layers = sorted({key.rsplit(".lora_", 1)[0] for key in self._state_dict()})
+        self.layers = sorted({_PEFT_KEY.match(key).group(1) for key in self._state_dict()})
+        if kind == "lokr":
+            _unscale_full_kronecker(module, self.layers)
         if device is not None:  # layers whose weights stay in CPU memory still train on the compute device
             for param in self.parameters():
                 param.data = param.data.to(device)
@@ -105,16 +164,22 @@ class LoraAttachment:
             self.load(initial)
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        """The trainable adapter parameters (fp32), in a stable order: per layer, down then up."""
-        params = dict(self.module.named_parameters())
-        return [params[f"{name}.lora_{part}.{ADAPTER}.weight"] for name in self.layers for part in ("A", "B")]
+        """The trainable adapter parameters (fp32), in a stable order: per layer, in peft's (LoRA: down, up, then
+        DoRA's magnitude)."""
+        return [param for name in self.layers
+                for key, param in self.module.get_submodule(name).named_parameters()
+                if ADAPTER in key.split(".") and not key.startswith("base_layer.")]
 
     def tensors(self) -> dict[str, LoraTensors]:
-        """A detached fp32 CPU copy of the adapter, keyed by module path."""
-        state = self._state_dict()
-        return {name: LoraTensors(state[f"{name}.lora_A.weight"].detach().float().cpu().clone(),
-                                  state[f"{name}.lora_B.weight"].detach().float().cpu().clone(), self.alpha)
-                for name in self.layers}
+        """A detached fp32 CPU copy of the adapter, keyed by module path, named as in files."""
+        layers: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in self._state_dict().items():
+            name, part = _PEFT_KEY.match(key).groups()
+            layers.setdefault(name, {})[_FILE_NAMES.get(part, part)] = tensor.detach().float().cpu().clone()
+        for parts in layers.values():
+            if "dora_scale" in parts:  # peft: [out] (Linear) or [1, out, 1, 1] (Conv); files: [out, 1, ...]
+                parts["dora_scale"] = parts["dora_scale"].reshape(-1, *[1] * (parts["lora_up.weight"].dim() - 1))
+        return {name: LoraTensors(layers[name], self.alpha) for name in self.layers}
 
     @torch.no_grad()
     def load(self, layers: Mapping[str, LoraTensors]) -> None:
@@ -123,19 +188,23 @@ class LoraAttachment:
         if unknown:
             raise ValueError(f"LoRA weights for modules that are not adapted: {unknown[:10]}")
         state = self._state_dict()
-        for name, tensors in layers.items():
-            down, up = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
-            if down.shape != tensors.down.shape or up.shape != tensors.up.shape:
-                raise ValueError(
-                    f"LoRA shapes for {name} differ: model {tuple(down.shape)}/{tuple(up.shape)}, "
-                    f"given {tuple(tensors.down.shape)}/{tuple(tensors.up.shape)}"
-                )
-        weights = {f"{name}.lora_{part}.weight": getattr(tensors, side).to(state[f"{name}.lora_{part}.weight"])
-                   for name, tensors in layers.items() for part, side in (("A", "down"), ("B", "up"))}
+        weights = {}
+        for name, given in layers.items():
+            mine = {_FILE_NAMES.get(key[len(name) + 1:], key[len(name) + 1:]): key
+                    for key in state if _PEFT_KEY.match(key).group(1) == name}
+            if set(given.tensors) != set(mine):
+                raise ValueError(f"{name}: the adapter has {sorted(mine)} ({self.kind}), the weights given "
+                                 f"{sorted(given.tensors)} ({given.kind})")
+            for part, tensor in given.tensors.items():
+                live = state[mine[part]]
+                if tensor.numel() != live.numel() or (part != "dora_scale" and tensor.shape != live.shape):
+                    raise ValueError(f"{name}.{part}: the adapter's shape is {tuple(live.shape)}, the weights "
+                                     f"given are {tuple(tensor.shape)}")
+                weights[mine[part]] = tensor.reshape(live.shape).to(live)
         set_peft_model_state_dict(self.module, weights, adapter_name=ADAPTER)
 
     def remove(self) -> None:
-        """Take every LoRA layer out; the module tree and its outputs are the original ones again."""
+        """Take every adapter layer out; the module tree and its outputs are the original ones again."""
         for name in self.layers:
             parent, _, child = name.rpartition(".")
             owner = self.module.get_submodule(parent) if parent else self.module
@@ -157,8 +226,32 @@ class LoraAttachment:
         self.remove()
 
     def _state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter as peft names it: ``<module path>.lora_A.weight`` / ``.lora_B.weight`` (live tensors)."""
+        """The adapter as peft names it: ``<module path>.lora_A.weight``, ``.hada_w1_a``, ... (live tensors)."""
         return get_peft_model_state_dict(self.module, adapter_name=ADAPTER)
+
+
+def _peft_config(kind: str, rank: int, alpha: float, dropout: float, init: str, targets: list[str] | str):
+    """peft's config for an adapter ``kind``. LoHa and LoKr take LyCORIS's defaults (no Tucker decomposition of
+    convolutions; LoKr's factor -1, the most square split); peft's dropout and A init are LoRA's only."""
+    if kind in ("lora", "dora"):
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                          init_lora_weights=LORA_INITS[init], use_dora=kind == "dora")
+    if kind not in KINDS:
+        raise ValueError(f"Unknown adapter kind {kind!r}; choose one of {list(KINDS)}")
+    if dropout or init != "kaiming":
+        raise ValueError(f"lora_dropout and lora_init are for lora and dora; {kind} takes neither (set dropout 0 "
+                         "and init kaiming)")
+    config = LoHaConfig if kind == "loha" else LoKrConfig
+    return config(r=rank, alpha=alpha, target_modules=targets)
+
+
+def _unscale_full_kronecker(module: torch.nn.Module, layers: Sequence[str]) -> None:
+    """A LoKr layer whose two factors both came out full (its rank is at least half their sizes) has no rank to
+    scale by: LyCORIS, ComfyUI and A1111 apply it at scale 1 whatever alpha is, so it trains at 1 here too."""
+    for name in layers:
+        layer = module.get_submodule(name)
+        if ADAPTER in layer.lokr_w1 and ADAPTER in layer.lokr_w2:
+            layer.scaling[ADAPTER] = 1.0
 
 
 def is_linear(layer: torch.nn.Module) -> bool:
@@ -185,6 +278,9 @@ def _adapters_in_fp32(module: torch.nn.Module) -> Iterator[None]:
 
 
 def _uniform_rank_alpha(layers: Mapping[str, LoraTensors]) -> tuple[int, float]:
+    kinds = {t.kind for t in layers.values()}
+    if kinds != {"lora"}:
+        raise ValueError(f"Continuing a LoRA takes plain LoRA layers; these are {sorted(kinds)}")
     pairs = {(t.rank, float(t.alpha)) for t in layers.values()}
     if len(pairs) != 1:
         raise ValueError(f"Continuing a LoRA needs one rank and alpha for all layers; found {sorted(pairs)}")

@@ -29,8 +29,8 @@ CONV = "down_blocks.0.resnets.0.conv1"
 def _layers(alpha: float = 2.5) -> dict[str, LoraTensors]:
     torch.manual_seed(0)
     return {
-        LINEAR: LoraTensors(torch.randn(4, 8), torch.randn(6, 4), alpha),
-        CONV: LoraTensors(torch.randn(4, 3, 3, 3), torch.randn(5, 4, 1, 1), alpha),
+        LINEAR: LoraTensors.lora(torch.randn(4, 8), torch.randn(6, 4), alpha),
+        CONV: LoraTensors.lora(torch.randn(4, 3, 3, 3), torch.randn(5, 4, 1, 1), alpha),
     }
 
 
@@ -110,7 +110,7 @@ def test_custom_prefix_and_dtype(tmp_path):
 def test_transposed_view_is_saved_contiguous(tmp_path):
     down = torch.randn(8, 4).t()  # a non-contiguous view
     path = save_lora(
-        tmp_path / "t.safetensors", {"a.b": LoraTensors(down, torch.randn(3, 4), 4.0)}, format="comfy"
+        tmp_path / "t.safetensors", {"a.b": LoraTensors.lora(down, torch.randn(3, 4), 4.0)}, format="comfy"
     )
     loaded, _ = load_lora(path)
     torch.testing.assert_close(loaded["a.b"].down, down, rtol=0, atol=0)
@@ -137,7 +137,7 @@ def test_unmatched_layer_names_the_key(tmp_path):
 def test_kohya_names_that_collide_are_refused(tmp_path):
     path = save_lora(
         tmp_path / "k.safetensors",
-        {"a.b_c": LoraTensors(torch.ones(1, 2), torch.ones(2, 1), 1.0)},
+        {"a.b_c": LoraTensors.lora(torch.ones(1, 2), torch.ones(2, 1), 1.0)},
         format="kohya",
     )
     with pytest.raises(ValueError, match="cannot tell them apart"):
@@ -160,7 +160,7 @@ def test_bad_inputs_say_what_is_wrong(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_missing_partner_names_the_key(tmp_path):
+def test_missing_partner_names_the_layer(tmp_path):
     import safetensors.torch
 
     path = tmp_path / "half.safetensors"
@@ -171,7 +171,7 @@ def test_missing_partner_names_the_key(tmp_path):
         },
         str(path),
     )
-    with pytest.raises(ValueError, match=r"diffusion_model\.a\.b\.lora_down\.weight has no matching up"):
+    with pytest.raises(ValueError, match=r"diffusion_model\.a\.b is a lora layer without lora_up\.weight"):
         load_lora(path)
 
 
@@ -339,7 +339,7 @@ def test_stored_hashes_are_the_ones_a1111_and_kohya_compute(tmp_path):
     """Read back from disk and recomputed the loaders' way: A1111's addnet hash of the file itself, and kohya's
     legacy hash of the file written with its ss_* metadata only (as precalculate_safetensors_hashes does)."""
     torch.manual_seed(0)
-    big = {f"blocks.{i}.proj": LoraTensors(torch.randn(8, 20_000), torch.randn(20_000, 8), 8.0) for i in range(2)}
+    big = {f"blocks.{i}.proj": LoraTensors.lora(torch.randn(8, 20_000), torch.randn(20_000, 8), 8.0) for i in range(2)}
     path = save_lora(tmp_path / "big.safetensors", big, format="kohya", metadata=_full_metadata())
     data = path.read_bytes()
     assert len(data) > 0x110000  # the legacy hash reads real bytes
@@ -379,7 +379,7 @@ def test_killed_writer_never_leaves_a_file_at_the_final_path(tmp_path):
         "from training.formats import save_lora\n"
         "from training.lora import LoraTensors\n"
         "n = 1 << 17\n"  # 4 layers x 2 x 32 MiB = 256 MiB of fp32
-        "layers = {f'blocks.{i}.proj': LoraTensors(torch.ones(64, n), torch.ones(n, 64), 8.0) for i in range(4)}\n"
+        "layers = {f'blocks.{i}.proj': LoraTensors.lora(torch.ones(64, n), torch.ones(n, 64), 8.0) for i in range(4)}\n"
         f"save_lora({str(target)!r}, layers, format='comfy')\n"
     )
     process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
@@ -420,9 +420,9 @@ def test_diffusers_reads_our_kohya_sd1_file(tmp_path):
     )
     proj_in = "down_blocks.0.attentions.0.proj_in"
     layers = {
-        LINEAR: LoraTensors(torch.randn(4, 8), torch.randn(8, 4), 2.0),
-        CONV: LoraTensors(torch.randn(4, 8, 3, 3), torch.randn(8, 4, 1, 1), 2.0),
-        proj_in: LoraTensors(torch.randn(4, 8, 1, 1), torch.randn(8, 4, 1, 1), 2.0),
+        LINEAR: LoraTensors.lora(torch.randn(4, 8), torch.randn(8, 4), 2.0),
+        CONV: LoraTensors.lora(torch.randn(4, 8, 3, 3), torch.randn(8, 4, 1, 1), 2.0),
+        proj_in: LoraTensors.lora(torch.randn(4, 8, 1, 1), torch.randn(8, 4, 1, 1), 2.0),
     }
     path = save_lora(tmp_path / "sd1.safetensors", layers, format="kohya")
     state_dict, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path))

@@ -98,13 +98,13 @@ def test_bad_targets_and_bad_weights_say_what_is_wrong():
     with pytest.raises(ValueError, match="rank must be >= 1"):
         LoraAttachment(model, ["to_q"], rank=0, alpha=1)
     with LoraAttachment(model, ["to_q"], rank=2, alpha=2) as attachment:
-        wrong = {"to_q": LoraTensors(torch.zeros(3, 8), torch.zeros(8, 3), 3.0)}
-        with pytest.raises(ValueError, match="shapes for to_q"):
+        wrong = {"to_q": LoraTensors.lora(torch.zeros(3, 8), torch.zeros(8, 3), 3.0)}
+        with pytest.raises(ValueError, match=r"to_q.lora_down.weight: the adapter's shape is \(2, 8\)"):
             attachment.load(wrong)
         with pytest.raises(ValueError, match="not adapted"):
             attachment.load({"to_k": wrong["to_q"]})
-    mixed = {"to_q": LoraTensors(torch.zeros(2, 8), torch.zeros(8, 2), 2.0),
-             "to_k": LoraTensors(torch.zeros(4, 8), torch.zeros(8, 4), 4.0)}
+    mixed = {"to_q": LoraTensors.lora(torch.zeros(2, 8), torch.zeros(8, 2), 2.0),
+             "to_k": LoraTensors.lora(torch.zeros(4, 8), torch.zeros(8, 4), 4.0)}
     with pytest.raises(ValueError, match="one rank and alpha"):
         LoraAttachment(model, [], rank=2, alpha=2, initial=mixed)
 

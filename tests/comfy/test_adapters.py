@@ -1,0 +1,107 @@
+"""Issue 15's adapter kinds through the nodes: DoRA, LoHa and LoKr learn on the tiny model of every family, ComfyUI's
+own key map consumes every tensor of their files as the kind they are, the stock LoraLoader's model equals Apply
+LoRA's, and the weights ComfyUI patches in are the ones that trained (LoHa and LoKr exactly; DoRA as ComfyUI
+applies it, which normalises by the base weight's row norms where peft and LyCORIS take the updated weight's)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+import torch
+
+from scripts.tiny_families import TINY, tiny_model
+from tests.comfy.conftest import run_node
+from tests.comfy.test_families import _encoded, _probe_loss
+
+KINDS = ("dora", "loha", "lokr")
+# ComfyUI's adapter class per kind (a DoRA file is a LoRA with dora_scale)
+COMFY_ADAPTERS = {"dora": "lora", "loha": "loha", "lokr": "lokr"}
+# LoHa and LoKr start from a zero factor in a product and take a higher rate, as LyCORIS advises
+LEARNING_RATES = {"dora": 1e-2, "loha": 3e-2, "lokr": 3e-2}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("family", list(TINY))
+def test_each_kind_learns_on_every_family_and_comfyui_loads_all_of_it(comfy, pack, family, kind):
+    import folder_paths
+    from comfy import lora as comfy_lora
+    from comfy import model_management as mm
+    from comfy import utils as comfy_utils
+
+    model = tiny_model(family)
+    encoded = _encoded(comfy, family)
+    lora, _, report, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, steps=16,
+                                  learning_rate=LEARNING_RATES[kind], rank=4, alpha=0.0, targets="attention", objective="auto",
+                                  batch_size=2, seed=0, name=f"tests/{family}_{kind}", adapter=kind)
+    probe = re.search(r"probe loss ([\d.]+) -> ([\d.]+)", report)
+    assert probe and float(probe[2]) < 0.97 * float(probe[1]), report
+    assert report.startswith(f"{lora.family.name} {pack.training.lora.KIND_NAMES[kind]}, "), report
+
+    (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name=f"tests/{family}_{kind}", format="auto",
+                       precision="fp32")
+    sd, metadata = comfy_utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    assert metadata["ss_network_module"] == "lycoris.kohya", metadata["ss_network_module"]
+    key_map = comfy_lora.model_lora_keys_unet(model.model, {})
+    patches = comfy_lora.load_lora(sd, key_map)
+    loaded = {k for k in sd for file_key, model_key in key_map.items()
+              if model_key in patches and k.startswith(file_key + ".")}
+    assert loaded == set(sd), f"not loaded: {sorted(set(sd) - loaded)[:5]}"
+    assert len(patches) == len(lora.layers)
+    assert {patch.name for patch in patches.values()} == {COMFY_ADAPTERS[kind]}
+    if kind == "dora":
+        assert all(patch.weights[4] is not None for patch in patches.values())  # dora_scale read
+
+    config = pack.training.config.TrainConfig.from_dict(lora.config)
+    batch = encoded.data.collate(list(range(4)), random.Random(0))
+    (applied,) = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0)
+    after = _probe_loss(pack, applied, batch, config, lora.family.guidance)
+    name = f"tests/{family}_{kind}.safetensors"
+    assert name in folder_paths.get_filename_list("loras")
+    (stock,) = run_node(comfy, "LoraLoaderModelOnly", model=model, lora_name=name, strength_model=1.0)
+    assert _probe_loss(pack, stock, batch, config, lora.family.guidance) == after
+    mm.unload_all_models()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_comfyui_patches_in_the_weights_that_trained(comfy, pack, kind):
+    """The trained module's effective weight (peft's base + delta) against what Apply LoRA gives ComfyUI's model."""
+    from comfy import model_management as mm
+
+    model = tiny_model("SD15")
+    denoiser = model.model.diffusion_model
+    generator = torch.Generator().manual_seed(0)
+    with pack.training.lora.LoraAttachment(denoiser, ["to_q", "to_k", "to_v", "to_out.0"], rank=4, alpha=2.0,
+                                           kind=kind) as attachment:
+        with torch.no_grad():
+            for param in attachment.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+        trained = {name: _effective_weight(denoiser.get_submodule(name), kind) for name in attachment.layers}
+        as_comfyui = {name: _effective_weight(denoiser.get_submodule(name), kind, comfyui=True)
+                      for name in attachment.layers}
+        layers = attachment.tensors()
+    lora = pack.glue.lora_nodes.TrainedLora(layers, pack.glue.families.family_of(model), 1,
+                                            {"rank": 4, "alpha": 2.0, "adapter": kind}, 64)
+    patched = pack.glue.lora_nodes.with_lora(model, lora, 1.0)
+    mm.load_models_gpu([patched], force_full_load=True)
+    errors, from_trained = [], []
+    for name, wanted in as_comfyui.items():
+        got = patched.model.diffusion_model.get_submodule(name).weight.float()
+        errors.append(((got - wanted).abs().max() / wanted.abs().max()).item())
+        from_trained.append(((got - trained[name]).abs().max() / trained[name].abs().max()).item())
+    if kind == "dora":  # the difference is ComfyUI's: the test notices when ComfyUI changes its DoRA
+        assert max(from_trained) > 1e-4, from_trained
+    mm.unload_all_models()
+    assert max(errors) <= 1e-6, max(errors)
+
+
+def _effective_weight(layer, kind: str, comfyui: bool = False) -> torch.Tensor:
+    """The weight a peft layer computes with: W + delta; for DoRA m * (W + delta) / ||W + delta|| per output row,
+    or, ``comfyui``, as ComfyUI 0.3.75 and 0.33 apply a DoRA file: m * (W + delta) / ||W||."""
+    base = layer.get_base_layer().weight.float()
+    combined = base + layer.get_delta_weight("default").float()
+    if kind != "dora":
+        return combined
+    magnitude = layer.lora_magnitude_vector["default"].weight.float()
+    return combined * (magnitude / (base if comfyui else combined).norm(dim=1)).view(-1, 1)
