@@ -154,6 +154,63 @@ def metadata_for(lora: TrainedLora, title: str) -> dict[str, str]:
     )
 
 
+def adapter_from_file(model, path: str) -> dict[str, LoraTensors]:
+    """A LoRA file in any layout ComfyUI loads for ``model`` (ours, kohya's, LyCORIS's, diffusers/peft's, ...) as
+    the engine's adapter, keyed by module path inside ``diffusion_model``. ComfyUI's own reader finds the layers
+    (its key map and ``comfy.lora.load_lora``), so what LoraLoader would patch is what training continues."""
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.utils
+
+    name = os.path.basename(path)
+    sd = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(path, safe_load=True))
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(sd, key_map, log_missing=False)
+    found = {file_key for file_key, model_key in key_map.items() if model_key in patches}
+    left = sorted(k for k in sd if not any(k.rsplit(".", n)[0] in found for n in (1, 2, 3)))
+    if left:
+        raise ValueError(f"{name}: {len(left)} of its tensors are not for {type(model.model).__name__}'s layers, e.g. "
+                         f"{left[:4]} (text-encoder layers, lora_te*, are not trained here); pick a LoRA made for "
+                         "this model")
+    layers = {}
+    for key, patch in patches.items():
+        if not (isinstance(key, str) and key.startswith("diffusion_model.") and key.endswith(".weight")
+                and getattr(patch, "name", None) in ("lora", "loha", "lokr")):
+            what = getattr(patch, "name", None) or (patch[0] if isinstance(patch, tuple) else type(patch).__name__)
+            raise ValueError(f"{name}: layer {key!r} is a {what} patch{' of a slice' if isinstance(key, tuple) else ''}"
+                             ", which Train LoRA cannot continue (it trains LoRA, DoRA, LoHa and LoKr layers of "
+                             "whole weights)")
+        layers[key[len("diffusion_model."):-len(".weight")]] = _layer_of(patch, f"{name}: {key}")
+    return layers
+
+
+def _layer_of(patch, where: str) -> LoraTensors:
+    """One layer from ComfyUI's adapter object (``weights`` as comfy/weight_adapter lays them out)."""
+    if patch.name == "lora":
+        up, down, alpha, mid, dora_scale, reshape = patch.weights
+        unsupported = {"lora_mid (LoCon's Tucker form)": mid, "reshape_weight": reshape}
+        tensors = {"lora_down.weight": down, "lora_up.weight": up}
+        if dora_scale is not None:
+            unsupported["an input-axis dora_scale (old LyCORIS)"] = dora_scale if dora_scale.shape[0] != up.shape[0] \
+                else None
+            tensors["dora_scale"] = dora_scale.reshape(-1, *[1] * (up.dim() - 1))
+    elif patch.name == "loha":
+        w1a, w1b, alpha, w2a, w2b, t1, t2, dora_scale = patch.weights
+        unsupported = {"hada_t1/t2 (Tucker form)": t1 if t1 is not None else t2, "dora_scale": dora_scale}
+        tensors = {"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b}
+    else:
+        w1, w2, alpha, w1a, w1b, w2a, w2b, t2, dora_scale = patch.weights
+        unsupported = {"lokr_t2 (Tucker form)": t2, "dora_scale": dora_scale}
+        tensors = {k: v for k, v in dict(lokr_w1=w1, lokr_w1_a=w1a, lokr_w1_b=w1b, lokr_w2=w2, lokr_w2_a=w2a,
+                                         lokr_w2_b=w2b).items() if v is not None}
+    found = [what for what, tensor in unsupported.items() if tensor is not None]
+    if found:
+        raise ValueError(f"{where} has {', '.join(found)}, which Train LoRA cannot continue")
+    layer = LoraTensors({k: v.detach().float().cpu() for k, v in tensors.items()}, 0.0)
+    layer.alpha = float(alpha) if alpha is not None else float(layer.rank or 1)  # no alpha: scale 1
+    return layer
+
+
 def loras_path(name: str, what: str = "Save LoRA: name") -> str:
     """``name`` (subfolders allowed) as a .safetensors path inside ComfyUI's first loras folder; refuse
     anything that would land outside it or that could not be written (``paths.writable``)."""

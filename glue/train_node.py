@@ -13,7 +13,7 @@ from ..training.checkpoint import list_checkpoints
 from ..training.config import TrainConfig
 from ..training.dataset import tag_frequency
 from ..training.loop import TrainingFailed, TrainResult, train
-from ..training.lora import KIND_NAMES
+from ..training.lora import KIND_NAMES, adapter_settings
 from ..training.memory import remade_weights
 from .bridge import (
     ComfyDenoiser,
@@ -29,7 +29,7 @@ from .dataset_nodes import CATEGORY
 from .encode_node import ENCODED
 from .families import PRESETS, family_of
 from .inputs import errors_named, finite
-from .lora_nodes import LORA, TrainedLora, loras_path, write_lora
+from .lora_nodes import LORA, TrainedLora, adapter_from_file, loras_path, write_lora
 from .loss_plot import loss_curve_image
 from .paths import writable
 from .samples import SAMPLES, SampleRun, progression_grid
@@ -56,10 +56,12 @@ REQUIRED = ("model", "encoded", "steps", "learning_rate", "rank", "alpha", "targ
 OPTIONAL = ("optimizer", "weight_decay", "lr_schedule", "warmup_steps", "grad_accum", "loss", "huber_c",
             "huber_schedule", "unmasked_weight", "ema_decay", "ema_start", "timestep_sampling", "min_snr_gamma", "noise_offset",
             "precision", "flux_guidance", "gradient_checkpointing", "memory_budget_gb", "checkpoint_every", "resume",
-            "adapter", "samples")  # new inputs go last: saved workflows keep their widgets' order
+            "adapter", "continue_from", "initial_lora", "samples")  # new inputs go last: saved workflows keep
+# their widgets' order
 # Options that do nothing for a kind of model; the report names them.
 INERT = {"flow": ("min_snr_gamma", "noise_offset"), "ddpm": ("timestep_sampling",)}
 RANK_DEFAULT = TrainConfig.options()["rank"][0]
+NONE = "none"  # continue_from: start a new LoRA
 
 
 def _placed(node_input: io.Input) -> io.Input:
@@ -94,6 +96,8 @@ NODE_INPUTS = {
                                        "memory, streamed to the GPU layer by layer."),
     "resume": io.Boolean.Input("resume", default=False,
                                tooltip="Continue from this run name's newest checkpoint."),
+    "initial_lora": LORA.Input("initial_lora", optional=True, tooltip="Train on from this LoRA (from Train LoRA); "
+                               "its kind, rank and alpha replace the node's."),
     "samples": SAMPLES.Input("samples", optional=True, tooltip="From Training Samples: images made with the LoRA "
                              "as trained so far, every N steps, shown here live."),
 }
@@ -107,8 +111,8 @@ class TrainLora(io.ComfyNode):
             description="Train a LoRA on the MODEL (which is left unchanged) with the cached dataset. Cancel stops "
                         "within a step. What was learned is kept as '<name>_partial' in models/loras until Save LoRA "
                         "has written it, so a Cancel at any moment after the first step keeps it.",
-            inputs=[_placed(NODE_INPUTS[name] if name in NODE_INPUTS else _config_input(name))
-                    for name in REQUIRED + OPTIONAL],
+            inputs=[_placed(_continue_from() if name == "continue_from" else NODE_INPUTS[name] if name in NODE_INPUTS
+                            else _config_input(name)) for name in REQUIRED + OPTIONAL],
             outputs=[LORA.Output("lora", display_name="lora"), io.Image.Output("loss_curve", display_name="loss_curve"),
                      io.String.Output("report", display_name="report"),
                      io.Image.Output("progression", display_name="sample progression",
@@ -117,14 +121,34 @@ class TrainLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, encoded, targets, name, flux_guidance=1.0, resume=False, memory_budget_gb=0.0,
-                samples=None, **settings) -> io.NodeOutput:
+                continue_from=NONE, initial_lora=None, samples=None, **settings) -> io.NodeOutput:
         with errors_named("Train LoRA"):
             budget = int(finite("Train LoRA: memory_budget_gb", memory_budget_gb) * 2**30) or None
-            return train_lora(model, encoded, targets, name, flux_guidance, resume, settings, budget, samples)
+            initial = _initial_adapter(model, continue_from, initial_lora)
+            return train_lora(model, encoded, targets, name, flux_guidance, resume, settings, budget, samples,
+                              initial)
+
+
+def _continue_from() -> io.Input:
+    """Made each time the node's schema is: the list is models/loras as it is now, as LoraLoader's."""
+    return io.Combo.Input("continue_from", options=[NONE, *folder_paths.get_filename_list("loras")], default=NONE,
+                          tooltip="Train on from this LoRA file (ours or another trainer's, in any layout ComfyUI "
+                          "loads for this model: LoRA, DoRA, LoHa, LoKr): its kind, rank and alpha replace the "
+                          "node's. none: start a new LoRA.")
+
+
+def _initial_adapter(model, continue_from: str, initial_lora) -> dict | None:
+    if continue_from != NONE and initial_lora is not None:
+        raise ValueError("continue_from and initial_lora are both set; train on from one of them")
+    if initial_lora is not None:
+        return initial_lora.layers
+    if continue_from != NONE:
+        return adapter_from_file(model, folder_paths.get_full_path_or_raise("loras", continue_from))
+    return None
 
 
 def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, budget=None,
-               samples=None) -> io.NodeOutput:
+               samples=None, initial=None) -> io.NodeOutput:
     kept_name = f"{name}_partial"
     for checked in (name, kept_name):  # bad names fail now, not after the training
         loras_path(checked, "Train LoRA: name")
@@ -137,6 +161,8 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
     flux_guidance = finite("Train LoRA: flux_guidance", flux_guidance)
     denoiser = ComfyDenoiser(model, guidance=family.guidance if family.guidance is None else flux_guidance,
                              family=family, budget=budget)
+    if initial:  # the LoRA training continues decides these
+        settings = dict(settings, **dict(zip(("adapter", "rank", "alpha"), adapter_settings(initial))))
     config = TrainConfig(**settings, targets=family.targets(targets),
                          log_every=max(1, min(10, settings["steps"] // 20)),
                          checkpoint_dir=checkpoint_dir if settings.get("checkpoint_every") else None)
@@ -170,7 +196,7 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
             remade_weights(frozen_layers(denoiser.module)):
         try:
             result = train(config, denoiser, data, on_step=progress.on_step, should_stop=progress.should_stop,
-                           resume_from=resume_from, interrupts=(mm.InterruptProcessingException,),
+                           initial_lora=initial, resume_from=resume_from, interrupts=(mm.InterruptProcessingException,),
                            sample=sampler, sample_every=samples.every if samples is not None else 0)
         except TrainingFailed as error:
             path = kept(error.result).kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -128,8 +129,9 @@ class LoraAttachment:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         if init not in LORA_INITS:
             raise ValueError(f"Unknown LoRA init {init!r}; choose one of {sorted(LORA_INITS)}")
+        patterns: dict[str, dict] = {}
         if initial:
-            rank, alpha = _uniform_rank_alpha(initial)
+            rank, alpha, patterns = _layer_patterns(initial, kind)
             targets = sorted(initial)
         elif targets == ALL_LINEAR:
             targets = [name for name, m in module.named_modules() if is_linear(m)]
@@ -137,7 +139,7 @@ class LoraAttachment:
         self._requires_grad = {name: p.requires_grad for name, p in module.named_parameters()}
         self._attributes = set(vars(module))  # peft notes its config on the module (peft_config)
         config = _peft_config(kind, rank, alpha, dropout, init,
-                              list(targets) if not isinstance(targets, str) else targets)
+                              list(targets) if not isinstance(targets, str) else targets, **patterns)
         # peft wraps torch's Linear and its subclasses by itself; a Linear of another class by its Linear wrapper
         other_linears = {type(m) for m in module.modules() if is_linear(m) and not isinstance(m, torch.nn.Linear)}
         if other_linears and kind != "lora":
@@ -179,7 +181,12 @@ class LoraAttachment:
         for parts in layers.values():
             if "dora_scale" in parts:  # peft: [out] (Linear) or [1, out, 1, 1] (Conv); files: [out, 1, ...]
                 parts["dora_scale"] = parts["dora_scale"].reshape(-1, *[1] * (parts["lora_up.weight"].dim() - 1))
-        return {name: LoraTensors(layers[name], self.alpha) for name in self.layers}
+        return {name: LoraTensors(layers[name], self._alpha(name)) for name in self.layers}
+
+    def _alpha(self, name: str) -> float:
+        """A layer's alpha (peft's LoRA layers call it lora_alpha, its LyCORIS layers alpha)."""
+        layer = self.module.get_submodule(name)
+        return float((layer.lora_alpha if hasattr(layer, "lora_alpha") else layer.alpha)[ADAPTER])
 
     @torch.no_grad()
     def load(self, layers: Mapping[str, LoraTensors]) -> None:
@@ -230,19 +237,21 @@ class LoraAttachment:
         return get_peft_model_state_dict(self.module, adapter_name=ADAPTER)
 
 
-def _peft_config(kind: str, rank: int, alpha: float, dropout: float, init: str, targets: list[str] | str):
+def _peft_config(kind: str, rank: int, alpha: float, dropout: float, init: str, targets: list[str] | str,
+                 **patterns: dict):
     """peft's config for an adapter ``kind``. LoHa and LoKr take LyCORIS's defaults (no Tucker decomposition of
-    convolutions; LoKr's factor -1, the most square split); peft's dropout and A init are LoRA's only."""
+    convolutions; LoKr's factor -1, the most square split); peft's dropout and A init are LoRA's only.
+    ``patterns``: peft's rank_pattern and alpha_pattern, for layers whose rank or alpha differ."""
     if kind in ("lora", "dora"):
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                          init_lora_weights=LORA_INITS[init], use_dora=kind == "dora")
+                          init_lora_weights=LORA_INITS[init], use_dora=kind == "dora", **patterns)
     if kind not in KINDS:
         raise ValueError(f"Unknown adapter kind {kind!r}; choose one of {list(KINDS)}")
     if dropout or init != "kaiming":
         raise ValueError(f"lora_dropout and lora_init are for lora and dora; {kind} takes neither (set dropout 0 "
                          "and init kaiming)")
     config = LoHaConfig if kind == "loha" else LoKrConfig
-    return config(r=rank, alpha=alpha, target_modules=targets)
+    return config(r=rank, alpha=alpha, target_modules=targets, **patterns)
 
 
 def _unscale_full_kronecker(module: torch.nn.Module, layers: Sequence[str]) -> None:
@@ -277,11 +286,29 @@ def _adapters_in_fp32(module: torch.nn.Module) -> Iterator[None]:
             del layer.compute_dtype
 
 
-def _uniform_rank_alpha(layers: Mapping[str, LoraTensors]) -> tuple[int, float]:
-    kinds = {t.kind for t in layers.values()}
-    if kinds != {"lora"}:
-        raise ValueError(f"Continuing a LoRA takes plain LoRA layers; these are {sorted(kinds)}")
-    pairs = {(t.rank, float(t.alpha)) for t in layers.values()}
-    if len(pairs) != 1:
-        raise ValueError(f"Continuing a LoRA needs one rank and alpha for all layers; found {sorted(pairs)}")
-    return pairs.pop()
+def adapter_settings(layers: Mapping[str, LoraTensors]) -> tuple[str, int, float]:
+    """(kind, rank, alpha) of an adapter: its one kind, its most common rank and alpha (other trainers' files vary
+    them by layer)."""
+    kinds = sorted({layer.kind for layer in layers.values()})
+    if len(kinds) != 1:
+        raise ValueError(f"The LoRA mixes {' and '.join(kinds)} layers; training continues one kind")
+    ranks, alphas = _ranks(layers).values(), [float(layer.alpha) for layer in layers.values()]
+    return kinds[0], Counter(ranks).most_common(1)[0][0], Counter(alphas).most_common(1)[0][0]
+
+
+def _ranks(layers: Mapping[str, LoraTensors]) -> dict[str, int]:
+    # a LoKr layer whose factors are both full has no rank: peft builds full factors for any rank of at least half
+    # the second factor's sides
+    return {name: layer.rank or max(layer.tensors["lokr_w2"].shape[:2]) for name, layer in layers.items()}
+
+
+def _layer_patterns(initial: Mapping[str, LoraTensors], kind: str) -> tuple[int, float, dict[str, dict]]:
+    """(rank, alpha, peft's rank_pattern and alpha_pattern) that build ``initial``'s layers: the most common rank
+    and alpha, and a pattern entry for each layer that differs."""
+    found, rank, alpha = adapter_settings(initial)
+    if found != kind:
+        raise ValueError(f"The LoRA to continue is made of {found} layers; set adapter to {found} (it is {kind})")
+    # peft matches a pattern against a module's whole path or its end after a dot
+    return rank, alpha, {"rank_pattern": {re.escape(n): r for n, r in _ranks(initial).items() if r != rank},
+                         "alpha_pattern": {re.escape(n): float(layer.alpha) for n, layer in initial.items()
+                                           if float(layer.alpha) != alpha}}

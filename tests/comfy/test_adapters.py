@@ -105,3 +105,74 @@ def _effective_weight(layer, kind: str, comfyui: bool = False) -> torch.Tensor:
         return combined
     magnitude = layer.lora_magnitude_vector["default"].weight.float()
     return combined * (magnitude / (base if comfyui else combined).norm(dim=1)).view(-1, 1)
+
+
+def _probe(report: str) -> tuple[float, float]:
+    found = re.search(r"probe loss ([\d.]+) -> ([\d.]+)", report)
+    assert found, report
+    return float(found[1]), float(found[2])
+
+
+@pytest.mark.parametrize("family,kind,layout", [
+    ("SD15", "lora", r"lora_unet_\w+\.(lora_down\.weight|lora_up\.weight|alpha)"),
+    ("SD15", "loha", r"lora_unet_\w+\.(hada_w[12]_[ab]|alpha)"),
+    ("Qwen-Image", "lora", r"diffusion_model\.[\w.]+\.lora_[AB]\.weight")])
+def test_training_continues_from_a_file_where_the_file_left_it(comfy, pack, family, kind, layout):
+    """Ours in kohya's layout (SD1.5, LoRA and LoHa) and one in diffusers/peft keys (Qwen-Image's): the continued
+    run's loss at the fixed probes starts at the file's (the first run's last), not at the base model's, and falls
+    on from there; the kind, rank and alpha are the file's."""
+    from comfy import utils as comfy_utils
+
+    model, encoded = tiny_model(family), _encoded(comfy, family)
+    common = dict(model=model, encoded=encoded, learning_rate=LEARNING_RATES.get(kind, 1e-2), alpha=0.0,
+                  targets="attention", objective="auto", batch_size=2, seed=0)
+    first, _, report, _ = run_node(comfy, "LoraTrainerTrain", **common, steps=12, rank=4, name=f"tests/{family}_src",
+                                   adapter=kind)
+    base, trained = _probe(report)
+    (path,) = run_node(comfy, "LoraTrainerSave", lora=first, name=f"tests/{family}_src", format="auto",
+                       precision="fp32")
+    assert all(re.fullmatch(layout, key) for key in comfy_utils.load_torch_file(path)), "the layout under test"
+    sources = {"continue_from": f"tests/{family}_src.safetensors", "initial_lora": first}
+    for source, value in sources.items():
+        # the node's rank and adapter give way to the file's
+        lora, _, report, _ = run_node(comfy, "LoraTrainerTrain", **common, steps=6, rank=16, adapter="lora",
+                                      name=f"tests/{family}_on", **{source: value})
+        start, end = _probe(report)
+        assert start == pytest.approx(trained, abs=1e-4) and abs(start - base) > 1e-3, (source, base, trained, start)
+        assert end < start, report
+        assert (lora.kind, lora.rank) == (kind, 4) and sorted(lora.layers) == sorted(first.layers)
+
+
+def test_a_file_that_cannot_continue_says_which_layers(comfy, pack):
+    import safetensors.torch
+
+    model, encoded = tiny_model("SD15"), _encoded(comfy, "SD15")
+    first, _, _, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, learning_rate=1e-2, alpha=0.0,
+                              targets="attention", objective="auto", batch_size=2, seed=0, steps=1, rank=2,
+                              name="tests/cannot")
+    tensors = pack.glue.lora_nodes.file_tensors(first)
+    folder = comfy.base / "loras" / "tests"
+    folder.mkdir(exist_ok=True)
+    with_te = dict(tensors, **{"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+                               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)})
+    safetensors.torch.save_file(with_te, str(folder / "with_te.safetensors"))
+    common = dict(model=model, encoded=encoded, learning_rate=1e-2, alpha=0.0, targets="attention",
+                  objective="auto", batch_size=2, seed=0, steps=1, rank=2, name="tests/cannot")
+    with pytest.raises(ValueError, match=r"Train LoRA: with_te.safetensors: 2 of its tensors are not for .*"
+                                         r"lora_te_text_model_encoder_layers_0_mlp_fc1"):
+        run_node(comfy, "LoraTrainerTrain", **common, continue_from="tests/with_te.safetensors")
+    prefix = sorted(tensors)[0].rsplit(".", 2)[0]  # a LoCon layer in Tucker form: lora_mid between down and up
+    safetensors.torch.save_file(dict(tensors, **{f"{prefix}.lora_mid.weight": torch.zeros(2, 2, 1, 1)}),
+                                str(folder / "tucker.safetensors"))
+    with pytest.raises(ValueError, match=r"tucker.safetensors: diffusion_model\..* has lora_mid \(LoCon's Tucker "
+                                         r"form\), which Train LoRA cannot continue"):
+        run_node(comfy, "LoraTrainerTrain", **common, continue_from="tests/tucker.safetensors")
+    layer = sorted(first.layers)[0]
+    weight = model.model.diffusion_model.get_submodule(layer).weight
+    safetensors.torch.save_file({f"diffusion_model.{layer}.diff": torch.zeros_like(weight)},
+                                str(folder / "diff.safetensors"))
+    with pytest.raises(ValueError, match=rf"diff.safetensors: layer 'diffusion_model.{re.escape(layer)}.weight' is "
+                                         "a diff patch, which Train LoRA cannot continue"):
+        run_node(comfy, "LoraTrainerTrain", **common, continue_from="tests/diff.safetensors")
+    with pytest.raises(ValueError, match="continue_from and initial_lora are both set"):
+        run_node(comfy, "LoraTrainerTrain", **common, continue_from="tests/with_te.safetensors", initial_lora=first)

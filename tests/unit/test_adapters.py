@@ -143,3 +143,26 @@ def test_metadata_names_the_kind_as_kohya_and_lycoris_do(kind, module, args):
     metadata = build_metadata(base_model_version="sd_v1", architecture="stable-diffusion-v1/lora", rank=16,
                               alpha=8.0, steps=10, resolution=512, title="t", config={"adapter": kind})
     assert (metadata["ss_network_module"], metadata["ss_network_args"]) == (module, args)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_continues_from_its_tensors_with_their_ranks_and_alphas(kind):
+    """What a file gives back continues on a fresh model: the same outputs at once, each layer with its own rank
+    and alpha (other trainers vary them per layer), training on from there."""
+    net = _net()
+    with LoraAttachment(net, ["to_q"], rank=2, alpha=1.0, kind=kind) as one, torch.no_grad():
+        for param in one.parameters():
+            param.normal_(std=0.1)
+        layers = one.tensors()
+    with LoraAttachment(net, ["to_k"], rank=4, alpha=3.0, kind=kind) as other, torch.no_grad():
+        for param in other.parameters():
+            param.normal_(std=0.1)
+        layers |= other.tensors()
+    with LoraAttachment(net, [], rank=16, alpha=16.0, kind=kind, initial=layers) as both:
+        wanted, adapted = net(*_inputs()), list(both.layers)
+    fresh = _net()
+    with LoraAttachment(fresh, [], rank=16, alpha=16.0, kind=kind, initial=layers) as continued:
+        assert _max_diff(continued.tensors(), layers) == 0
+        assert {name: layer.alpha for name, layer in continued.tensors().items()} == {"to_q": 1.0, "to_k": 3.0}
+        assert torch.allclose(fresh(*_inputs()), wanted, atol=1e-6)
+        assert adapted == continued.layers == ["to_k", "to_q"]

@@ -105,8 +105,11 @@ def test_bad_targets_and_bad_weights_say_what_is_wrong():
             attachment.load({"to_k": wrong["to_q"]})
     mixed = {"to_q": LoraTensors.lora(torch.zeros(2, 8), torch.zeros(8, 2), 2.0),
              "to_k": LoraTensors.lora(torch.zeros(4, 8), torch.zeros(8, 4), 4.0)}
-    with pytest.raises(ValueError, match="one rank and alpha"):
-        LoraAttachment(model, [], rank=2, alpha=2, initial=mixed)
+    with LoraAttachment(model, [], rank=8, alpha=1, initial=mixed) as continued:  # other trainers vary them
+        assert {n: (t.rank, t.alpha) for n, t in continued.tensors().items()} == {"to_q": (2, 2.0), "to_k": (4, 4.0)}
+    with pytest.raises(ValueError, match="The LoRA to continue is made of lora layers; set adapter to lora "
+                                         r"\(it is loha\)"):
+        LoraAttachment(model, [], rank=2, alpha=2, kind="loha", initial=mixed)
 
 
 def test_all_linear_targets_every_linear_and_nothing_else():
