@@ -52,6 +52,19 @@ def _encoded(comfy, family: str):
     return encoded
 
 
+def loaded_entirely(model, sd: dict) -> dict:
+    """ComfyUI's patches from the LoRA state dict ``sd`` for ``model``, after checking that its own key map consumed
+    every tensor of it."""
+    from comfy import lora as comfy_lora
+
+    key_map = comfy_lora.model_lora_keys_unet(model.model, {})
+    patches = comfy_lora.load_lora(sd, key_map)
+    loaded = {k for k in sd for file_key, model_key in key_map.items()
+              if model_key in patches and k.startswith(file_key + ".")}
+    assert loaded == set(sd), f"not loaded: {sorted(set(sd) - loaded)[:5]}"
+    return patches
+
+
 def _probe_loss(pack, model, batch, config, guidance):
     """The engine's probe loss (4 fixed draws) with ``model`` loaded (and patched) the way ComfyUI does."""
     from comfy import model_management as mm
@@ -65,7 +78,6 @@ def _probe_loss(pack, model, batch, config, guidance):
 @pytest.mark.parametrize("family", list(TINY))
 def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirely(comfy, pack, family):
     import folder_paths
-    from comfy import lora as comfy_lora
     from comfy import model_management as mm
     from comfy import model_sampling
     from comfy import utils as comfy_utils
@@ -106,11 +118,7 @@ def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirel
     assert any(k.startswith(first_key) for k in sd), sorted(sd)[:4]
     if family_info.file_format == "diffusers":  # Qwen: lora_A/B with alpha baked in, no alpha keys
         assert not any(k.endswith(".alpha") for k in sd) and all(".lora_A." in k or ".lora_B." in k for k in sd)
-    key_map = comfy_lora.model_lora_keys_unet(model.model, {})
-    patches = comfy_lora.load_lora(sd, key_map)
-    loaded = {k for k in sd for file_key, model_key in key_map.items()
-              if model_key in patches and k.startswith(file_key + ".")}
-    assert loaded == set(sd), f"not loaded: {sorted(set(sd) - loaded)[:5]}"
+    patches = loaded_entirely(model, sd)
     assert len(patches) == len(lora.layers)
 
     # the stock loader's model from the file gives exactly Apply LoRA's output
