@@ -166,12 +166,8 @@ def adapter_from_file(model, path: str) -> dict[str, LoraTensors]:
     sd = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(path, safe_load=True))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     patches = comfy.lora.load_lora(sd, key_map, log_missing=False)
-    found = {file_key for file_key, model_key in key_map.items() if model_key in patches}
-    left = sorted(k for k in sd if not any(k.rsplit(".", n)[0] in found for n in (1, 2, 3)))
-    if left:
-        raise ValueError(f"{name}: {len(left)} of its tensors are not for {type(model.model).__name__}'s layers, e.g. "
-                         f"{left[:4]} (text-encoder layers, lora_te*, are not trained here); pick a LoRA made for "
-                         "this model")
+    if not patches:
+        raise ValueError(f"{name} has no layer of {type(model.model).__name__}; pick a LoRA made for this model")
     layers = {}
     for key, patch in patches.items():
         if not (isinstance(key, str) and key.startswith("diffusion_model.") and key.endswith(".weight")
@@ -181,6 +177,13 @@ def adapter_from_file(model, path: str) -> dict[str, LoraTensors]:
                              ", which Train LoRA cannot continue (it trains LoRA, DoRA, LoHa and LoKr layers of "
                              "whole weights)")
         layers[key[len("diffusion_model."):-len(".weight")]] = _layer_of(patch, f"{name}: {key}")
+    # the keys ComfyUI read: one set, shared by every adapter of a load_lora call (diffs included)
+    used = next((patch.loaded_keys for patch in patches.values() if hasattr(patch, "loaded_keys")), set())
+    left = sorted(set(sd) - used)
+    if left:
+        raise ValueError(f"{name}: {len(left)} of its tensors are not for {type(model.model).__name__}'s layers, e.g. "
+                         f"{left[:4]} (text-encoder layers, lora_te*, are not trained here); pick a LoRA made for "
+                         "this model")
     return layers
 
 

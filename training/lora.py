@@ -145,7 +145,9 @@ class LoraAttachment:
         if other_linears and kind != "lora":
             raise ValueError(f"{kind} cannot adapt layers of {sorted(c.__name__ for c in other_linears)} (quantised "
                              "weights): peft trains it on torch's Linear only. Choose lora, or load the model in "
-                             "bf16/fp16/fp8")
+                             "bf16/fp16" + ("" if kind == "dora" else "/fp8"))
+        if kind == "dora":
+            _check_dora_weights(module, device)
         if other_linears:
             config._register_custom_module(dict.fromkeys(other_linears, peft_lora.Linear))
         try:
@@ -237,6 +239,20 @@ class LoraAttachment:
         return get_peft_model_state_dict(self.module, adapter_name=ADAPTER)
 
 
+def _check_dora_weights(module: torch.nn.Module, device: torch.device | None) -> None:
+    """peft's DoRA reads each adapted layer's weight whole, in its storage, on the compute device (the norm of its
+    rows, every step): an fp8-stored weight cannot be added to, and one left in CPU memory is on the wrong device."""
+    for name, param in module.named_parameters():
+        if param.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise ValueError(f"DoRA needs the model's weights in bf16, fp16 or fp32; {name} is stored in "
+                             f"{str(param.dtype).removeprefix('torch.')}. Load the model in bf16/fp16, or choose "
+                             "lora, loha or lokr, which train on fp8 weights")
+        if device is not None and param.device.type != device.type:
+            raise ValueError(f"DoRA needs every weight on the compute device ({device}); {name} is in "
+                             f"{param.device.type} memory (the model did not fit, or memory_budget_gb is below its "
+                             "size). Free memory or raise the budget, or choose lora, loha or lokr")
+
+
 def _peft_config(kind: str, rank: int, alpha: float, dropout: float, init: str, targets: list[str] | str,
                  **patterns: dict):
     """peft's config for an adapter ``kind``. LoHa and LoKr take LyCORIS's defaults (no Tucker decomposition of
@@ -292,8 +308,10 @@ def adapter_settings(layers: Mapping[str, LoraTensors]) -> tuple[str, int, float
     kinds = sorted({layer.kind for layer in layers.values()})
     if len(kinds) != 1:
         raise ValueError(f"The LoRA mixes {' and '.join(kinds)} layers; training continues one kind")
-    ranks, alphas = _ranks(layers).values(), [float(layer.alpha) for layer in layers.values()]
-    return kinds[0], Counter(ranks).most_common(1)[0][0], Counter(alphas).most_common(1)[0][0]
+    ranks = _ranks(layers)
+    # a LoKr layer with full factors is not scaled, so its alpha says nothing (LyCORIS writes huge ones)
+    alphas = [float(layer.alpha) if layer.rank is not None else float(ranks[name]) for name, layer in layers.items()]
+    return kinds[0], Counter(ranks.values()).most_common(1)[0][0], Counter(alphas).most_common(1)[0][0]
 
 
 def _ranks(layers: Mapping[str, LoraTensors]) -> dict[str, int]:

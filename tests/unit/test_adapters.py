@@ -11,7 +11,7 @@ from tests.unit.toy import ToyDenoiser, ToyNet, toy_data
 from training.config import TrainConfig
 from training.formats import build_metadata, load_lora, save_lora, to_state_dict
 from training.loop import train
-from training.lora import KINDS, LoraAttachment, LoraTensors
+from training.lora import KINDS, LoraAttachment, LoraTensors, adapter_settings
 
 BASE = dict(objective="ddpm-eps", targets=("to_q", "to_k"), rank=4, batch_size=2, log_every=5, seed=3,
             learning_rate=3e-2, grad_accum=2, lr_schedule="constant", warmup_steps=4)
@@ -145,24 +145,49 @@ def test_metadata_names_the_kind_as_kohya_and_lycoris_do(kind, module, args):
     assert (metadata["ss_network_module"], metadata["ss_network_args"]) == (module, args)
 
 
+def _effective_weights(attachment: LoraAttachment) -> dict[str, torch.Tensor]:
+    """Each adapted layer's weight as it computes: W + delta, and for DoRA scaled to its magnitude per row."""
+    weights = {}
+    for name in attachment.layers:
+        layer = attachment.module.get_submodule(name)
+        combined = layer.get_base_layer().weight + layer.get_delta_weight("default")
+        if attachment.kind == "dora":
+            combined = combined * (layer.lora_magnitude_vector["default"].weight / combined.norm(dim=1)).view(-1, 1)
+        weights[name] = combined.detach().clone()
+    return weights
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_continues_from_its_tensors_with_their_ranks_and_alphas(kind):
-    """What a file gives back continues on a fresh model: the same outputs at once, each layer with its own rank
-    and alpha (other trainers vary them per layer), training on from there."""
-    net = _net()
-    with LoraAttachment(net, ["to_q"], rank=2, alpha=1.0, kind=kind) as one, torch.no_grad():
-        for param in one.parameters():
-            param.normal_(std=0.1)
-        layers = one.tensors()
-    with LoraAttachment(net, ["to_k"], rank=4, alpha=3.0, kind=kind) as other, torch.no_grad():
-        for param in other.parameters():
-            param.normal_(std=0.1)
-        layers |= other.tensors()
-    with LoraAttachment(net, [], rank=16, alpha=16.0, kind=kind, initial=layers) as both:
-        wanted, adapted = net(*_inputs()), list(both.layers)
-    fresh = _net()
-    with LoraAttachment(fresh, [], rank=16, alpha=16.0, kind=kind, initial=layers) as continued:
-        assert _max_diff(continued.tensors(), layers) == 0
-        assert {name: layer.alpha for name, layer in continued.tensors().items()} == {"to_q": 1.0, "to_k": 3.0}
-        assert torch.allclose(fresh(*_inputs()), wanted, atol=1e-6)
-        assert adapted == continued.layers == ["to_k", "to_q"]
+    """What a file gives back continues on a fresh model: each layer computes what it computed when it was made, with
+    its own rank and alpha (other trainers vary them per layer)."""
+    net = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 64))  # LoKr: low-rank second factors
+    wanted, layers = {}, {}
+    for name, rank, alpha in (("0", 2, 1.0), ("1", 3, 3.0)):
+        with LoraAttachment(net, [name], rank=rank, alpha=alpha, kind=kind) as made, torch.no_grad():
+            for param in made.parameters():
+                param.normal_(std=0.1)
+            layers |= made.tensors()
+            wanted |= _effective_weights(made)
+    assert {name: layer.rank for name, layer in layers.items()} == {"0": 2, "1": 3}
+    with LoraAttachment(net, [], rank=16, alpha=16.0, kind=kind, initial=layers) as continued:
+        assert continued.layers == ["0", "1"] and _max_diff(continued.tensors(), layers) == 0
+        assert {name: layer.alpha for name, layer in continued.tensors().items()} == {"0": 1.0, "1": 3.0}
+        got = _effective_weights(continued)
+    assert all(torch.allclose(got[name], wanted[name], atol=1e-6) for name in wanted)
+
+
+def test_dora_refuses_fp8_weights_and_says_what_trains_on_them():
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16)).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"DoRA needs the model's weights in bf16, fp16 or fp32; 0.weight is stored in "
+                                         r"float8_e4m3fn.*choose lora, loha or lokr"):
+        LoraAttachment(net, ["0"], rank=2, alpha=2.0, kind="dora")
+    assert isinstance(net[0], torch.nn.Linear)  # nothing was attached
+
+
+def test_a_full_kronecker_layers_alpha_does_not_become_the_runs():
+    """LyCORIS writes alpha = a huge dim for full-factor LoKr files (ComfyUI ignores it): the run's alpha, which
+    the node's limits check, is then the rank."""
+    full = LoraTensors({"lokr_w1": torch.zeros(4, 4), "lokr_w2": torch.zeros(4, 2)}, 10000.0)
+    assert full.rank is None and full.scale == 1.0
+    assert adapter_settings({"a": full, "b": full}) == ("lokr", 4, 4.0)
