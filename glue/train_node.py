@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import comfy.model_management as mm
 import folder_paths
@@ -118,6 +119,16 @@ class TrainLora(io.ComfyNode):
                      io.Image.Output("progression", display_name="sample progression",
                                      tooltip="The samples of every sample step (rows) and prompt (columns).")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, continue_from=NONE, **_) -> str:
+        """Follows the continue_from file itself, not only its name: a LoRA saved again under that name trains
+        again instead of ComfyUI re-using the last run."""
+        path = folder_paths.get_full_path("loras", continue_from) if continue_from != NONE else None
+        if path is None:
+            return continue_from  # none, or a missing file (execute reports it)
+        stat = os.stat(path)
+        return f"{continue_from}:{stat.st_size}:{stat.st_mtime_ns}"
 
     @classmethod
     def execute(cls, model, encoded, targets, name, flux_guidance=1.0, resume=False, memory_budget_gb=0.0,

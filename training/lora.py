@@ -208,7 +208,9 @@ class LoraAttachment:
                 live = state[mine[part]]
                 if tensor.numel() != live.numel() or (part != "dora_scale" and tensor.shape != live.shape):
                     raise ValueError(f"{name}.{part}: the adapter's shape is {tuple(live.shape)}, the weights "
-                                     f"given are {tuple(tensor.shape)}")
+                                     f"given are {tuple(tensor.shape)}" + (
+                                         " (a LoKr continues when it was made with LyCORIS's factor -1 and "
+                                         "without decompose_both)" if self.kind == "lokr" else ""))
                 weights[mine[part]] = tensor.reshape(live.shape).to(live)
         set_peft_model_state_dict(self.module, weights, adapter_name=ADAPTER)
 

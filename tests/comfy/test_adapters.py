@@ -177,5 +177,13 @@ def test_a_file_that_cannot_continue_says_which_layers(comfy, pack):
     with pytest.raises(ValueError, match=rf"diff.safetensors: layer 'diffusion_model.{re.escape(layer)}.weight' is "
                                          "a diff patch, which Train LoRA cannot continue"):
         run_node(comfy, "LoraTrainerTrain", **common, continue_from="tests/diff.safetensors")
+    # a file saved again under the same name trains again: ComfyUI's cache key follows the file
+    train = comfy.NODE_CLASS_MAPPINGS["LoraTrainerTrain"]
+    before = train.fingerprint_inputs(continue_from="tests/diff.safetensors")
+    safetensors.torch.save_file({f"diffusion_model.{layer}.diff": torch.ones_like(weight),
+                                 f"diffusion_model.{layer}.diff_b": torch.ones(weight.shape[0])},  # size changes too
+                                str(folder / "diff.safetensors"))
+    assert train.fingerprint_inputs(continue_from="tests/diff.safetensors") != before
+    assert train.fingerprint_inputs(continue_from="none") == "none"
     with pytest.raises(ValueError, match="continue_from and initial_lora are both set"):
         run_node(comfy, "LoraTrainerTrain", **common, continue_from="tests/with_te.safetensors", initial_lora=first)

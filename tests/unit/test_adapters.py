@@ -191,3 +191,12 @@ def test_a_full_kronecker_layers_alpha_does_not_become_the_runs():
     full = LoraTensors({"lokr_w1": torch.zeros(4, 4), "lokr_w2": torch.zeros(4, 2)}, 10000.0)
     assert full.rank is None and full.scale == 1.0
     assert adapter_settings({"a": full, "b": full}) == ("lokr", 4, 4.0)
+
+
+def test_a_lokr_of_another_factorisation_says_which_lokrs_continue():
+    with LoraAttachment(torch.nn.Sequential(torch.nn.Linear(64, 48)), ["0"], rank=2, alpha=1.0, kind="lokr") as lokr:
+        layer = lokr.tensors()["0"]
+        other = LoraTensors({**layer.tensors, "lokr_w1": torch.zeros(3, 4)}, 1.0)  # LyCORIS with another factor
+        with pytest.raises(ValueError, match=r"0.lokr_w1: the adapter's shape is \(6, 8\), the weights given are "
+                                             r"\(3, 4\) \(a LoKr continues when it was made with LyCORIS's factor -1"):
+            lokr.load({"0": other})
