@@ -196,7 +196,7 @@ def _layer_of(patch, where: str) -> LoraTensors:
         if dora_scale is not None:
             unsupported["an input-axis dora_scale (old LyCORIS)"] = dora_scale if dora_scale.shape[0] != up.shape[0] \
                 else None
-            tensors["dora_scale"] = dora_scale.reshape(-1, *[1] * (up.dim() - 1))
+            tensors["dora_scale"] = dora_scale
     elif patch.name == "loha":
         w1a, w1b, alpha, w2a, w2b, t1, t2, dora_scale = patch.weights
         unsupported = {"hada_t1/t2 (Tucker form)": t1 if t1 is not None else t2, "dora_scale": dora_scale}
@@ -209,9 +209,7 @@ def _layer_of(patch, where: str) -> LoraTensors:
     found = [what for what, tensor in unsupported.items() if tensor is not None]
     if found:
         raise ValueError(f"{where} has {', '.join(found)}, which Train LoRA cannot continue")
-    layer = LoraTensors({k: v.detach().float().cpu() for k, v in tensors.items()}, 0.0)
-    layer.alpha = float(alpha) if alpha is not None else float(layer.rank or 1)  # no alpha: scale 1
-    return layer
+    return LoraTensors.read({k: v.detach().float().cpu() for k, v in tensors.items()}, alpha)
 
 
 def loras_path(name: str, what: str = "Save LoRA: name") -> str:

@@ -137,13 +137,12 @@ def load_lora(
     for name, module_path in sorted(names.items(), key=lambda item: item[1]):
         parts = dict(groups[name])
         alpha = parts.pop("alpha", None)
-        lora = LoraTensors(parts, 0.0)
+        lora = LoraTensors.read(parts, None if alpha is None else alpha.item())
         if lora.kind in ("lora", "dora") and lora.up.shape[1] != lora.down.shape[0]:
             raise ValueError(
                 f"{source}: {name} has down {tuple(lora.down.shape)} and up {tuple(lora.up.shape)}, whose ranks "
                 "differ"
             )
-        lora.alpha = float(alpha.item()) if alpha is not None else float(lora.rank or 1)
         layers[module_path] = lora
     return layers, metadata
 

@@ -36,7 +36,6 @@ KIND_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 # peft's state-dict names -> the file's, where they differ (peft's LoHa and LoKr names are LyCORIS's own)
 _FILE_NAMES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
                "lora_magnitude_vector": "dora_scale"}
-_PEFT_NAMES = {file: peft for peft, file in _FILE_NAMES.items()}
 _PEFT_KEY = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector|hada_\w+|lokr_\w+)$")
 
 
@@ -54,6 +53,18 @@ class LoraTensors:
     def lora(cls, down: torch.Tensor, up: torch.Tensor, alpha: float) -> LoraTensors:
         """A plain LoRA layer: delta W = up @ down * alpha / rank; down [rank, in(, kh, kw)], up [out, rank(, 1, 1)]."""
         return cls({"lora_down.weight": down, "lora_up.weight": up}, alpha)
+
+    @classmethod
+    def read(cls, tensors: dict[str, torch.Tensor], alpha: float | None) -> LoraTensors:
+        """A layer as a reader found it: a missing alpha is the rank's (scale 1, as every loader takes it), and a
+        DoRA magnitude, one per output row in whatever shape it came (peft's [out] or [1, out, 1, 1]), takes the
+        files' [out, 1, ...]."""
+        if "dora_scale" in tensors:
+            rows = tensors["dora_scale"].reshape(-1, *[1] * (tensors["lora_up.weight"].dim() - 1))
+            tensors = {**tensors, "dora_scale": rows}
+        layer = cls(tensors, 0.0)
+        layer.alpha = float(alpha) if alpha is not None else float(layer.rank or 1)
+        return layer
 
     @property
     def kind(self) -> str:
@@ -135,7 +146,7 @@ class LoraAttachment:
             targets = sorted(initial)
         elif targets == ALL_LINEAR:
             targets = [name for name, m in module.named_modules() if is_linear(m)]
-        self.module, self.alpha, self.kind = module, float(alpha), kind
+        self.module, self.kind = module, kind
         self._requires_grad = {name: p.requires_grad for name, p in module.named_parameters()}
         self._attributes = set(vars(module))  # peft notes its config on the module (peft_config)
         config = _peft_config(kind, rank, alpha, dropout, init,
@@ -158,7 +169,7 @@ class LoraAttachment:
         except ValueError as error:
             raise ValueError(f"Could not attach {kind} to targets {targets!r}: {error}") from error
         cast_adapter_dtype(module, ADAPTER)
-        self.layers = sorted({_PEFT_KEY.match(key).group(1) for key in self._state_dict()})
+        self.layers = sorted(_by_layer(self._state_dict()))
         if kind == "lokr":
             _unscale_full_kronecker(module, self.layers)
         if device is not None:  # layers whose weights stay in CPU memory still train on the compute device
@@ -176,14 +187,10 @@ class LoraAttachment:
 
     def tensors(self) -> dict[str, LoraTensors]:
         """A detached fp32 CPU copy of the adapter, keyed by module path, named as in files."""
-        layers: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in self._state_dict().items():
-            name, part = _PEFT_KEY.match(key).groups()
-            layers.setdefault(name, {})[_FILE_NAMES.get(part, part)] = tensor.detach().float().cpu().clone()
-        for parts in layers.values():
-            if "dora_scale" in parts:  # peft: [out] (Linear) or [1, out, 1, 1] (Conv); files: [out, 1, ...]
-                parts["dora_scale"] = parts["dora_scale"].reshape(-1, *[1] * (parts["lora_up.weight"].dim() - 1))
-        return {name: LoraTensors(layers[name], self._alpha(name)) for name in self.layers}
+        state = self._state_dict()
+        return {name: LoraTensors.read({part: state[key].detach().float().cpu().clone() for part, key in keys.items()},
+                                       self._alpha(name))
+                for name, keys in sorted(_by_layer(state).items())}
 
     def _alpha(self, name: str) -> float:
         """A layer's alpha (peft's LoRA layers call it lora_alpha, its LyCORIS layers alpha)."""
@@ -197,10 +204,10 @@ class LoraAttachment:
         if unknown:
             raise ValueError(f"LoRA weights for modules that are not adapted: {unknown[:10]}")
         state = self._state_dict()
+        by_layer = _by_layer(state)
         weights = {}
         for name, given in layers.items():
-            mine = {_FILE_NAMES.get(key[len(name) + 1:], key[len(name) + 1:]): key
-                    for key in state if _PEFT_KEY.match(key).group(1) == name}
+            mine = by_layer[name]
             if set(given.tensors) != set(mine):
                 raise ValueError(f"{name}: the adapter has {sorted(mine)} ({self.kind}), the weights given "
                                  f"{sorted(given.tensors)} ({given.kind})")
@@ -239,6 +246,15 @@ class LoraAttachment:
     def _state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter as peft names it: ``<module path>.lora_A.weight``, ``.hada_w1_a``, ... (live tensors)."""
         return get_peft_model_state_dict(self.module, adapter_name=ADAPTER)
+
+
+def _by_layer(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, str]]:
+    """peft's adapter state-dict keys grouped by adapted layer: {module path: {the name files give the tensor: key}}."""
+    layers: dict[str, dict[str, str]] = {}
+    for key in state:
+        name, part = _PEFT_KEY.match(key).groups()
+        layers.setdefault(name, {})[_FILE_NAMES.get(part, part)] = key
+    return layers
 
 
 def _check_dora_weights(module: torch.nn.Module, device: torch.device | None) -> None:
