@@ -16,6 +16,7 @@ class Batch:
     cond: dict[str, torch.Tensor]  # batched conditioning, see denoiser.Denoiser
     mask: torch.Tensor | None = None  # [B, 1, H, W] loss weight in [0, 1] at latent resolution (masked loss)
     weight: torch.Tensor | None = None  # [B] each sample's loss weight (regularisation images' own)
+    captions: list[str] | None = None  # the caption each sample drew ("" where dropped), for a live text encoder
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -23,7 +24,8 @@ class Batch:
             return t.to(device=device, dtype=cast, non_blocking=True)
 
         return Batch(move(self.latents), {k: move(v) for k, v in self.cond.items()},
-                     *(None if t is None else t.to(device, non_blocking=True) for t in (self.mask, self.weight)))
+                     *(None if t is None else t.to(device, non_blocking=True) for t in (self.mask, self.weight)),
+                     captions=self.captions)
 
 
 class TrainData(Protocol):

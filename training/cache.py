@@ -85,6 +85,7 @@ class EncodedSample:
     mask: Path | None = None  # masked loss: the mask at latent resolution, and mirrored with the flipped latent
     mask_flipped: Path | None = None
     loss_weight: float = 1.0
+    captions: tuple[str, ...] = ()  # what ``texts`` encode, in order: a live text encoder encodes these instead
 
 
 @dataclass
@@ -118,15 +119,16 @@ class EncodedDataset:
         return len(self.samples)
 
     def collate(self, indices: Sequence[int], rng: random.Random) -> Batch:
-        latents, conds, masks = [], [], []
+        latents, conds, masks, captions = [], [], [], []
         for i in indices:
             sample = self.samples[i]
             use_flip = sample.flipped is not None and rng.random() < 0.5
             image = load_file(sample.flipped if use_flip else sample.latent)
             mask = sample.mask_flipped if use_flip else sample.mask
             masks.append(load_file(mask)["mask"] if mask else torch.ones(1, *image["latent"].shape[-2:]))
-            text = (sample.empty or self.empty_text) if self.policy.drops(rng) else rng.choice(sample.texts)
-            cond = load_file(text)
+            drawn = None if self.policy.drops(rng) else rng.randrange(len(sample.texts))  # what rng.choice draws
+            cond = load_file((sample.empty or self.empty_text) if drawn is None else sample.texts[drawn])
+            captions.append("" if drawn is None else sample.captions[drawn] if sample.captions else None)
             if sample.control is not None:
                 cond["control"] = load_file(sample.control)["latent"]
             latents.append(image["latent"])
@@ -134,7 +136,8 @@ class EncodedDataset:
         masked = any(self.samples[i].mask for i in indices)
         weights = [self.samples[i].loss_weight for i in indices]
         return Batch(torch.stack(latents), stack_conditioning(conds), torch.stack(masks) if masked else None,
-                     torch.tensor(weights) if any(w != 1 for w in weights) else None)
+                     torch.tensor(weights) if any(w != 1 for w in weights) else None,
+                     captions=None if None in captions else captions)
 
 
 def encode_dataset(samples: Sequence[Sample], encoders: Encoders, cache_dir: str | Path,
@@ -164,7 +167,8 @@ def encode_dataset(samples: Sequence[Sample], encoders: Encoders, cache_dir: str
         own = dataclasses.replace(policy, trigger="") if sample.regularization else policy  # a class image: no trigger
         variants = own.variants(sample.caption, settings.caption_variants, seed=settings.seed + number)
         texts = tuple(_encode_text(cache, encoders, caption, seen) for caption in variants)
-        encoded.append(EncodedSample(latent, flipped, control, texts, size, empty, *masks, sample.loss_weight))
+        encoded.append(EncodedSample(latent, flipped, control, texts, size, empty, *masks, sample.loss_weight,
+                                     tuple(variants)))
         if on_progress is not None:
             on_progress(number + 1, len(samples))
     empty = _encode_text(cache, encoders, "")

@@ -82,6 +82,14 @@ class TrainConfig:
                            "lokr: a Kronecker product, the fewest parameters (styles). loha and lokr want a higher "
                            "learning rate than lora.", choices=KINDS)
     targets: tuple[str, ...] | str = ("to_q", "to_k", "to_v", "to_out.0")  # name suffixes, or one regex
+    te_learning_rate: float = _option(0.0, "SD1.x, SD2.x, SDXL: also train a LoRA on the text encoder (CLIP-L, "
+                                      "CLIP-H, CLIP-L + CLIP-G) at this learning rate; connect the CLIP. Captions are "
+                                      "then encoded every step (latents stay cached). Helps a trigger word or a "
+                                      "style bind to the prompt; half the learning rate or less is usual. 0: the "
+                                      "diffusion model only.", min=0.0, max=1.0, step=1e-5)
+    te_stop_step: int = _option(0, "Text-encoder LoRA: freeze it after this many steps while the diffusion model "
+                                "trains on (kohya's stop_text_encoder_training; it keeps the text encoder from "
+                                "overfitting); 0: train it to the end.", min=0, max=1_000_000)
     # objective
     objective: str = _option("auto", "auto reads the model: eps/v-prediction models get DDPM targets, flow models "
                              "rectified flow. An explicit choice must fit the model.", choices=("auto", *OBJECTIVES))

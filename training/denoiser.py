@@ -44,3 +44,25 @@ class Denoiser(Protocol):
 
     def __call__(self, noisy: torch.Tensor, timestep: torch.Tensor,
                  cond: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+TEXT_KEYS = ("context", "pooled", "mask")  # the conditioning a text encoder gives (the rest: edit pairs' control)
+
+
+class TextEncoder(Protocol):
+    """A text encoder the loop trains beside the denoiser (``TrainConfig.te_learning_rate``): captions are then
+    encoded every step, through its adapter. ``module`` is the root for LoRA injection, ``targets`` its layers'
+    name suffixes, ``device`` where its adapter computes; ``__call__`` returns the batched text conditioning
+    (TEXT_KEYS: ``context`` [B, L, D], ``pooled`` where the model uses it, ``mask``) on that device, with
+    gradients where they are enabled."""
+
+    @property
+    def module(self) -> torch.nn.Module: ...
+
+    @property
+    def targets(self) -> tuple[str, ...]: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]: ...

@@ -7,11 +7,12 @@ report, checkpoint. The adapters always come off the model at the end, whatever 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,8 +23,8 @@ from .batching import Batch, TrainData
 from .buckets import plan_batches
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .config import DTYPES, TrainConfig
-from .denoiser import Denoiser, NoiseSchedule
-from .lora import LoraAttachment, LoraTensors
+from .denoiser import TEXT_KEYS, Denoiser, NoiseSchedule, TextEncoder
+from .lora import TEXT_ENCODER, Adapters, LoraAttachment, LoraTensors, split_layers
 from .memory import saved_bytes
 from .objectives import DDPMObjective, FlowObjective, denoising_loss, make_objective
 from .optim import make_optimizer, make_schedule
@@ -157,6 +158,7 @@ def train(
     interrupts: tuple[type[BaseException], ...] = (),
     sample: Callable[[int], None] | None = None,
     sample_every: int = 0,
+    text_encoder: TextEncoder | None = None,
 ) -> TrainResult:
     """Train a LoRA on ``denoiser`` and return it; the model is left as it came. The config's ``auto`` settings
     become the model's own (``TrainConfig.for_model``); the result holds the config as trained.
@@ -172,6 +174,10 @@ def train(
     ``result.probe`` holds the denoising loss of the run's first training images at fixed noise and timesteps
     (``probe_loss``), measured before the first step and after the last: the same draws both times, so its fall is
     what the adapter learned, which the per-step loss (new noise every step) blurs.
+
+    With ``config.te_learning_rate``, ``text_encoder`` gets an adapter of the same kind, rank and alpha (its layers
+    named TEXT_ENCODER + path in the result) that trains at that rate, until ``config.te_stop_step``; the batches'
+    captions are then encoded every step and replace the cached text conditioning.
     """
     module = denoiser.module
     weight = next(module.parameters())
@@ -180,29 +186,43 @@ def train(
     config = config.for_model(denoiser.prediction, schedule, getattr(denoiser, "dtype", weight.dtype))
     objective = objective_for(config, schedule)
     devices = [device.index or 0] if device.type == "cuda" else []
-    was_training = module.training
+    if config.te_learning_rate and text_encoder is None:
+        raise ValueError("te_learning_rate is set but there is no text encoder to train: connect the CLIP, or set "
+                         "te_learning_rate to 0")
+    text_encoder = text_encoder if config.te_learning_rate else None
+    modules = [module] + ([text_encoder.module] if text_encoder else [])
+    was_training = [m.training for m in modules]
+    initial = split_layers(initial_lora or {}, ("", TEXT_ENCODER) if text_encoder else ("",))
     with torch.random.fork_rng(devices=devices):  # the host's global RNG is left as it was
         torch.manual_seed(config.seed)  # LoRA init and dropout follow the seed
-        attachment = LoraAttachment(module, config.targets, rank=config.rank, alpha=config.lora_alpha,
-                                    kind=config.adapter, dropout=config.lora_dropout, init=config.lora_init, initial=initial_lora,
-                                    device=device)
+        settings = dict(rank=config.rank, alpha=config.lora_alpha, kind=config.adapter, dropout=config.lora_dropout,
+                        init=config.lora_init)
+        attachment = Adapters({"": LoraAttachment(module, config.targets, **settings, initial=initial.get(""),
+                                                  device=device)})
         stream = BatchStream(data, config.batch_size, config.seed, device, dtype=None)
         try:
+            if text_encoder:
+                attachment.parts[TEXT_ENCODER] = LoraAttachment(
+                    text_encoder.module, text_encoder.targets, **settings, initial=initial.get(TEXT_ENCODER),
+                    device=text_encoder.device)
             return _run(config, denoiser, objective, attachment, stream, device, on_step, should_stop,
-                        resume_from, interrupts, Sampling(sample, sample_every, device))
+                        resume_from, interrupts, Sampling(sample, sample_every, device), text_encoder)
         finally:
             stream.close()
             attachment.remove()
             _set_gradient_checkpointing(denoiser, False)
-            module.train(was_training)
+            for m, mode in zip(modules, was_training):
+                m.train(mode)
 
 
 def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
-         attachment: LoraAttachment, stream: BatchStream, device: torch.device,
+         attachment: Adapters, stream: BatchStream, device: torch.device,
          on_step: Callable[[StepInfo], None] | None, should_stop: Callable[[], bool] | None,
-         resume_from: str | None, interrupts: tuple[type[BaseException], ...], sampling: Sampling) -> TrainResult:
+         resume_from: str | None, interrupts: tuple[type[BaseException], ...], sampling: Sampling,
+         text_encoder: TextEncoder | None) -> TrainResult:
     params = attachment.parameters()
-    optimizer = make_optimizer(config.optimizer, params, config.learning_rate, config.weight_decay)
+    optimizer = make_optimizer(config.optimizer, attachment.parameter_groups({TEXT_ENCODER: config.te_learning_rate}),
+                               config.learning_rate, config.weight_decay)
     schedule = make_schedule(config.lr_schedule, optimizer, warmup_steps=config.warmup_steps,
                              total_steps=config.steps, cycles=config.lr_cycles)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
@@ -222,27 +242,30 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
             ema.to(device)
         step, position, smoothed = state.step, state.position, state.smoothed_loss
         log.info("resumed from step %d (%s)", step, resume_from)
-    checkpointing = _fit_memory(config, denoiser, objective, stream, position, params)
-    module = denoiser.module
-    module.train()
+    checkpointing = _fit_memory(config, denoiser, objective, stream, position, params, text_encoder)
+    modules = [denoiser.module] + ([text_encoder.module] if text_encoder else [])
+    for module in modules:
+        module.train()
 
     result = TrainResult(attachment.tensors(), step, False, config, first_step=step)
     good = [p.detach().clone() for p in params]  # last adapter known finite, for the NaN guard
     loss_sum = torch.zeros((), device=device)
     probes = _probe_batches(stream)
     result.probe_images = sum(batch.latents.shape[0] for batch in probes)
-    result.probe.append((step, probe_loss(config, denoiser, objective, probes, device=device)))  # not in train_s
+    result.probe.append((step, probe_loss(config, denoiser, objective, probes, device=device,
+                                          text=text_encoder)))  # not in train_s
     interval_steps, interval_start, started = 0, time.perf_counter(), time.perf_counter()
     it_per_s = 0.0
     try:
         if step == 0 and sampling.due(0, config.steps):
-            interval_start += sampling(0, module, result)
+            interval_start += sampling(0, modules, result)
         while step < config.steps:
             if should_stop is not None and should_stop():
                 result.cancelled = True
                 break
             try:
-                loss_sum += _accumulate_gradients(config, denoiser, objective, stream, position, scaler)
+                loss_sum += _accumulate_gradients(config, denoiser, objective, stream, position, scaler,
+                                                  _text_at(step, config, text_encoder))
             except interrupts:
                 optimizer.zero_grad(set_to_none=True)  # the half-done step is dropped
                 result.cancelled = True
@@ -298,7 +321,7 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
                 save_checkpoint(config.checkpoint_dir, attachment.tensors(), state, config.keep_checkpoints)
             if sampling.due(step, config.steps):
                 try:
-                    interval_start += sampling(step, module, result)
+                    interval_start += sampling(step, modules, result)
                 except interrupts:
                     result.cancelled = True
                     break
@@ -322,7 +345,8 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     result.train_s = time.perf_counter() - started - result.sampling_s
     if step > result.first_step and not result.cancelled:
         try:
-            result.probe.append((step, probe_loss(config, denoiser, objective, probes, device=device)))
+            result.probe.append((step, probe_loss(config, denoiser, objective, probes, device=device,
+                                                  text=text_encoder)))
         except interrupts:  # Cancel while measuring: the trained adapter is kept, the measurement dropped
             result.cancelled = True
     log.info("trained %d steps in %.1fs; waited %.1f%% of the time for data", step - result.first_step, result.train_s,
@@ -341,16 +365,12 @@ class Sampling:
     def due(self, step: int, total: int) -> bool:
         return self.sample is not None and (step in (0, total) or (self.every > 0 and step % self.every == 0))
 
-    def __call__(self, step: int, module: torch.nn.Module, result: TrainResult) -> float:
+    def __call__(self, step: int, modules: Sequence[torch.nn.Module], result: TrainResult) -> float:
         """Run the callback after ``step``; returns the seconds it took, also added to ``result.sampling_s``."""
         started = time.perf_counter()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():  # samplers seed the global RNG
-            module.eval()
-            try:
-                self.sample(step)
-            finally:
-                module.train()
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), _evaluating(modules):  # samplers seed the RNG
+            self.sample(step)
         result.sample_steps.append(step)
         took = time.perf_counter() - started
         result.sampling_s += took
@@ -370,29 +390,55 @@ def _probe_batches(stream: BatchStream) -> list[Batch]:
 
 
 def probe_loss(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
-               batches: Sequence[Batch], draws: int = PROBE_DRAWS, device: torch.device | None = None) -> float:
+               batches: Sequence[Batch], draws: int = PROBE_DRAWS, device: torch.device | None = None,
+               text: TextEncoder | None = None) -> float:
     """The mean weighted denoising loss of ``batches`` (moved to ``device`` one at a time, if given) at ``draws``
-    (noise, timestep) draws each, the same draws on every call: the model in eval mode (no LoRA dropout), no
-    gradients."""
-    module = denoiser.module
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            losses = [_loss(config, denoiser, objective, batch if device is None else batch.to(device),
-                            PROBE_SEED + 1000 * index + draw)
-                      for index, batch in enumerate(batches) for draw in range(draws)]
-    finally:
-        module.train(was_training)
+    (noise, timestep) draws each, the same draws on every call: the model (and ``text``, the text encoder that
+    encodes the captions, if given) in eval mode (no LoRA dropout), no gradients."""
+    modules = [denoiser.module] + ([text.module] if text else [])
+    with torch.no_grad(), _evaluating(modules):
+        losses = [_loss(config, denoiser, objective, batch if device is None else batch.to(device),
+                        PROBE_SEED + 1000 * index + draw, text)
+                  for index, batch in enumerate(batches) for draw in range(draws)]
     return torch.stack(losses).mean().item()
 
 
+@contextlib.contextmanager
+def _evaluating(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """``modules`` in eval mode (no LoRA dropout) for the block, then in the modes they had."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def _text_at(step: int, config: TrainConfig, text_encoder: TextEncoder | None) -> TextEncoder | None:
+    """What encodes the captions of step ``step + 1``: the text encoder, frozen (no gradients) after
+    ``te_stop_step``."""
+    if text_encoder is None or not config.te_stop_step or step < config.te_stop_step:
+        return text_encoder
+    return _frozen(text_encoder)
+
+
+def _frozen(text_encoder: TextEncoder) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return text_encoder(captions)
+
+    return encode
+
+
 def _accumulate_gradients(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
-                          stream: BatchStream, position: int, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+                          stream: BatchStream, position: int, scaler: torch.amp.GradScaler | None,
+                          text: Callable[[list[str]], dict] | None = None) -> torch.Tensor:
     """Forward + backward of ``grad_accum`` micro-batches from ``position`` on; returns their summed loss."""
     total = 0.0
     for micro in range(position, position + config.grad_accum):
-        loss = _loss(config, denoiser, objective, stream.get(micro), _micro_seed(config, micro)) / config.grad_accum
+        loss = _loss(config, denoiser, objective, stream.get(micro), _micro_seed(config, micro), text) / config.grad_accum
         (scaler.scale(loss) if scaler else loss).backward()
         total = total + loss.detach()
     return total
@@ -404,22 +450,31 @@ def _micro_seed(config: TrainConfig, micro: int) -> int:
 
 
 def _loss(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective, batch: Batch,
-          seed: int) -> torch.Tensor:
-    """The weighted denoising loss of ``batch`` at the noise and timesteps that ``seed`` draws."""
+          seed: int, text: Callable[[list[str]], dict] | None = None) -> torch.Tensor:
+    """The weighted denoising loss of ``batch`` at the noise and timesteps that ``seed`` draws; ``text``: a text
+    encoder that encodes the batch's captions now, in place of their cached encoding."""
     device = batch.latents.device
+    cond = batch.cond
+    if text is not None:
+        if batch.captions is None:
+            raise ValueError("Training the text encoder needs the captions of the batch; this dataset does not keep "
+                             "them (encode it again with Encode Latents Cache)")
+        live = {k: v.to(device) for k, v in text(batch.captions).items()}  # outside autocast: the encoder's precision
+        cond = {**{k: v for k, v in cond.items() if k not in TEXT_KEYS}, **live}
     autocast_dtype = None if config.precision == "fp32" else DTYPES[config.precision]
     generator = torch.Generator(device).manual_seed(seed)
     x0 = batch.latents.float()
     noise = objective.sample_noise(x0, generator)
     noised = objective.make(x0, noise, objective.sample_timesteps(x0, generator))
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        pred = denoiser(noised.noisy, noised.timestep, batch.cond)
+        pred = denoiser(noised.noisy, noised.timestep, cond)
     return denoising_loss(pred, noised, config.loss, config.huber_c, config.huber_schedule, batch.mask,
                           config.unmasked_weight, batch.weight)
 
 
 def _fit_memory(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
-                stream: BatchStream, position: int, params: Sequence[torch.nn.Parameter]) -> bool:
+                stream: BatchStream, position: int, params: Sequence[torch.nn.Parameter],
+                text_encoder: TextEncoder | None = None) -> bool:
     """Make the step fit the device memory the denoiser has left (``memory_free()``; nothing to do where it
     states none), before the first step; returns whether gradient checkpointing is on.
 
@@ -435,13 +490,13 @@ def _fit_memory(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjectiv
         return checkpointing
     free -= 4 * sum(p.numel() * p.element_size() for p in params)
     batch = stream.largest()
-    resident = list(denoiser.module.parameters())
+    resident = list(denoiser.module.parameters()) + (list(text_encoder.module.parameters()) if text_encoder else [])
     device = stream.device
 
     def needs() -> int:
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):  # dropout draws
-            return saved_bytes(lambda: _loss(config, denoiser, objective, batch, _micro_seed(config, position)),
-                               resident) * 9 // 8
+            return saved_bytes(lambda: _loss(config, denoiser, objective, batch, _micro_seed(config, position),
+                                             text_encoder), resident) * 9 // 8
 
     need = needs()
     log.info("a step keeps %.0f MiB for its backward pass; %.0f MiB free", need / 2**20, free / 2**20)
@@ -460,7 +515,7 @@ def _fit_memory(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjectiv
     return checkpointing
 
 
-def _output(attachment: LoraAttachment, ema: EMAModel | None) -> dict[str, LoraTensors]:
+def _output(attachment: Adapters, ema: EMAModel | None) -> dict[str, LoraTensors]:
     """What the run gives: the adapter as trained or, with an EMA, its average, which then replaces the trained
     weights on the model (the run is over; the checkpoints hold the trained ones)."""
     if ema is not None:

@@ -10,7 +10,7 @@ import contextlib
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,7 @@ from peft.tuners import lora as peft_lora
 ADAPTER = "default"
 # B = 0 in every case, so step 0 is the base model exactly.
 LORA_INITS = {"kaiming": True, "gaussian": "gaussian"}
+TEXT_ENCODER = "text_encoders."  # a text encoder's layers in an adapter: this + their path in it (ComfyUI's name)
 ALL_LINEAR = "all-linear"  # targets value: every Linear layer in the module (is_linear)
 # The adapter kinds: what peft trains and ComfyUI's comfy/weight_adapter loads (LyCORIS's file keys for the last
 # three). lora: a low-rank update; dora: LoRA plus a learned magnitude per output row (closer to full fine-tuning
@@ -246,6 +247,52 @@ class LoraAttachment:
     def _state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter as peft names it: ``<module path>.lora_A.weight``, ``.hada_w1_a``, ... (live tensors)."""
         return get_peft_model_state_dict(self.module, adapter_name=ADAPTER)
+
+
+class Adapters:
+    """A run's attachments as one adapter: ``parts`` maps a layer-name prefix to its attachment ("" for the
+    denoiser's, TEXT_ENCODER for the text encoder's), so layer names are unique across them."""
+
+    def __init__(self, parts: Mapping[str, LoraAttachment]):
+        self.parts = dict(parts)
+
+    @property
+    def layers(self) -> list[str]:
+        return [prefix + name for prefix, part in self.parts.items() for name in part.layers]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [param for part in self.parts.values() for param in part.parameters()]
+
+    def parameter_groups(self, rates: Mapping[str, float]) -> list[dict]:
+        """torch's parameter groups, one per part, in ``parameters()``'s order; a part named in ``rates`` trains at
+        its own learning rate."""
+        return [{"params": part.parameters(), **({"lr": rates[prefix]} if prefix in rates else {})}
+                for prefix, part in self.parts.items()]
+
+    def tensors(self) -> dict[str, LoraTensors]:
+        return {prefix + name: tensors for prefix, part in self.parts.items() for name, tensors in part.tensors().items()}
+
+    def load(self, layers: Mapping[str, LoraTensors]) -> None:
+        for prefix, part in split_layers(layers, self.parts).items():
+            self.parts[prefix].load(part)
+
+    def remove(self) -> None:
+        for part in self.parts.values():
+            part.remove()
+
+
+def split_layers(layers: Mapping[str, LoraTensors], prefixes: Iterable[str] = ("", TEXT_ENCODER)
+                 ) -> dict[str, dict[str, LoraTensors]]:
+    """An adapter's layers per part (``Adapters``): {prefix: {path inside that part: tensors}}, for the parts that
+    have layers. A layer of a part not among ``prefixes`` is refused."""
+    parts: dict[str, dict[str, LoraTensors]] = {}
+    for name, tensors in layers.items():
+        prefix = TEXT_ENCODER if name.startswith(TEXT_ENCODER) else ""
+        parts.setdefault(prefix, {})[name.removeprefix(prefix)] = tensors
+    if TEXT_ENCODER in parts and TEXT_ENCODER not in prefixes:
+        raise ValueError(f"The LoRA has {len(parts[TEXT_ENCODER])} text-encoder layers; to train them on, connect the "
+                         "CLIP and set te_learning_rate")
+    return parts
 
 
 def _by_layer(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, str]]:

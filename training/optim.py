@@ -57,18 +57,20 @@ def optimizer_help() -> str:
                      for name, spec in OPTIMIZERS.items())
 
 
-def make_optimizer(name: str, params: Sequence[torch.nn.Parameter], lr: float,
+def make_optimizer(name: str, params: Sequence[torch.nn.Parameter] | Sequence[dict], lr: float,
                    weight_decay: float) -> torch.optim.Optimizer:
+    """``params``: the parameters, or torch's parameter groups (``{"params": [...], "lr": its own}``)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     spec, params = OPTIMIZERS[name], list(params)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
     missing = spec.missing()
     if missing:
         raise ValueError(f"optimizer {name!r} needs {spec.pip}, which is not installed: {missing} and restart "
                          "ComfyUI, or choose adamw")
     options = dict(spec.options)
     if name == "adamw":  # fused is one kernel for all tensors on CUDA; foreach batches them elsewhere
-        on_cuda = all(p.is_cuda for p in params)
+        on_cuda = all(p.is_cuda for p in tensors)
         options.update(fused=on_cuda or None, foreach=None if on_cuda else True)
     module, cls = spec.path.rsplit(".", 1)
     return getattr(import_module(module), cls)(params, lr=lr, weight_decay=weight_decay, **options)
