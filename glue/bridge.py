@@ -20,7 +20,7 @@ import torch.overrides
 import torch.utils.checkpoint
 from comfy_execution.utils import get_executing_context
 
-from ..training.batching import Batch, TrainData
+from ..training.batching import Batch, TrainData, stack_conditioning
 from ..training.denoiser import NoiseSchedule
 from ..training.loop import StepInfo
 from ..training.memory import WeightOf, remakeable
@@ -40,8 +40,9 @@ class ComfyDenoiser:
     as when sampling at that size."""
 
     def __init__(self, model, guidance: float | None = None, family: Family | None = None,
-                 budget: int | None = None):
+                 budget: int | None = None, clip=None):
         self.patcher, self.budget = model, budget  # budget: device bytes for weights + step (None: what is free)
+        self.clip = clip  # a CLIP trained beside it, whose weights share the budget
         self.base = model.model
         self.module = self.base.diffusion_model
         self.device = model.load_device
@@ -101,7 +102,7 @@ class ComfyDenoiser:
         """Device bytes the training step may use: the budget less the weights ComfyUI keeps on the device, or
         without one what the device has free. None on the CPU without a budget (nothing to fit)."""
         if self.budget is not None:
-            return self.budget - self.patcher.loaded_size()
+            return self.budget - self.patcher.loaded_size() - (self.clip.patcher.loaded_size() if self.clip else 0)
         return None if self.device.type == "cpu" else mm.get_free_memory(self.device)
 
     def offload(self, nbytes: int) -> int:
@@ -133,18 +134,22 @@ class ComfyDenoiser:
 
 IN_PLACE_ADD = torch.Tensor.add_  # what ``a += b`` dispatches to
 FLUX_CODE = os.path.join("comfy", "ldm", "flux", "")
+CLIP_CODE = os.path.join("comfy", "clip_model.py")
+IN_PLACE_CODE = (FLUX_CODE, CLIP_CODE)
 
 
 class OutOfPlaceAdds(torch.overrides.TorchFunctionMode):
-    """ComfyUI's FLUX blocks add residuals in place (``x += ...``): fine for sampling, but autograd needs the
-    ``x`` their LayerNorm saved, and gradient checkpointing needs block inputs unchanged to recompute them.
-    While training, ``x += y`` written in ComfyUI's FLUX code becomes ``x + y``; Python rebinds the name to
-    the result, so the block computes the same values. In-place adds anywhere else (where a statement
-    ``a.add_(b)`` relies on mutation) are untouched."""
+    """ComfyUI's FLUX blocks and CLIP layers add residuals in place (``x += ...``): fine for sampling, but autograd
+    needs the ``x`` their LayerNorm saved, and gradient checkpointing needs block inputs unchanged to recompute
+    them. While training, ``x += y`` written in that code becomes ``x + y``; Python rebinds the name to the
+    result, so the block computes the same values. In-place adds anywhere else (where a statement ``a.add_(b)``
+    relies on mutation) are untouched."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is IN_PLACE_ADD and FLUX_CODE in sys._getframe(1).f_code.co_filename:
-            return torch.add(args[0], args[1])
+        if func is IN_PLACE_ADD:
+            caller = sys._getframe(1).f_code.co_filename  # the frame that wrote ``+=``
+            if any(code in caller for code in IN_PLACE_CODE):
+                return torch.add(args[0], args[1])
         return func(*args, **(kwargs or {}))
 
 
@@ -213,6 +218,55 @@ class ComfyEncoders:
     def release(self) -> None:
         """Take the VAE and text encoder off the GPU: training needs the memory."""
         unload(self.vae.patcher, self.clip.patcher)
+
+
+# CLIP layers that get a text-encoder adapter, per Train LoRA targets preset (kohya trains all six)
+CLIP_TARGETS = {"attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")}
+CLIP_TARGETS["attention+mlp"] = CLIP_TARGETS["all-linear"] = (*CLIP_TARGETS["attention"], "mlp.fc1", "mlp.fc2")
+
+
+class ComfyTextEncoder:
+    """A ComfyUI CLIP as the engine's TextEncoder: captions tokenized as CLIPTextEncode does (prompt weights
+    included) and encoded as ``CLIP.encode_from_tokens`` does (clip skip included), through the adapter the loop
+    attaches to ``cond_stage_model``, with gradients. Not through ``encode_from_tokens`` itself: it loads the CLIP
+    onto the GPU on every call, which may unload the model being trained (load_for_training loads both once)."""
+
+    def __init__(self, clip, preset: str):
+        self.clip, self.module = clip, clip.cond_stage_model
+        self.device = clip.patcher.load_device
+        self.targets = CLIP_TARGETS[preset]
+        self._tokens: dict[str, dict] = {}
+
+    def encode(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """(context [1, L, D], pooled [1, D] or None, extras) of one caption, as ``encode_from_tokens`` returns them."""
+        if caption not in self._tokens:
+            self._tokens[caption] = self.clip.tokenize(caption)
+        model = self.module
+        model.reset_clip_options()
+        if self.clip.layer_idx is not None:
+            model.set_clip_options({"layer": self.clip.layer_idx})
+        model.set_clip_options({"execution_device": self.device})  # 0.33 reads it; 0.3.75 uses the weights' device
+        device_context = getattr(mm, "cuda_device_context", lambda device: contextlib.nullcontext())
+        # the CLIP computes in fp32 whatever the autocast of the step around it (CLIP-G overflows in fp16)
+        with OutOfPlaceAdds(), torch.autocast(self.device.type, enabled=False), device_context(self.device):
+            out = model.encode_token_weights(self._tokens[caption])
+        return out[0], out[1], out[2] if len(out) > 2 else {}
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        conds = []
+        for caption in captions:
+            context, pooled, extras = self.encode(caption)
+            cond = {"context": context[0].float()}
+            for key, value in {"pooled_output": pooled, **extras}.items():
+                if isinstance(value, torch.Tensor):
+                    cond[{"pooled_output": "pooled", "attention_mask": "mask"}.get(key, key)] = value[0]
+            conds.append(cond)
+        return stack_conditioning(conds)
+
+    def conditioning(self, prompt: str) -> list:
+        """``prompt`` as ComfyUI's CONDITIONING, through the adapter as trained so far (Training Samples)."""
+        context, pooled, extras = self.encode(prompt)
+        return [[context, {"pooled_output": pooled, **extras}]]
 
 
 def _comfy_image(pixels: torch.Tensor) -> torch.Tensor:
@@ -290,14 +344,18 @@ def unload(*patchers) -> None:
     mm.soft_empty_cache()
 
 
-def load_for_training(model, budget: int | None = None) -> None:
-    """Load the MODEL onto the compute device the way ComfyUI does for sampling, with weights that autograd may
-    use. ComfyUI loads what fits the free memory (or ``budget`` bytes); what it leaves in CPU memory is cast per
-    call. The training loop then fits its step (ComfyDenoiser.memory_free/offload)."""
-    mm.load_models_gpu([model])
-    if budget is not None and model.loaded_size() > budget:
-        model.partially_unload(model.offload_device, model.loaded_size() - budget)
+def load_for_training(model, budget: int | None = None, clip=None) -> None:
+    """Load the MODEL (and a CLIP whose text encoder trains too) onto the compute device the way ComfyUI does for
+    sampling, with weights that autograd may use. ComfyUI loads what fits the free memory (or ``budget`` bytes,
+    the CLIP's weights counted); what it leaves in CPU memory is cast per call. The training loop then fits its
+    step (ComfyDenoiser.memory_free/offload)."""
+    mm.load_models_gpu([model] + ([clip.patcher] if clip is not None else []))
+    loaded = model.loaded_size() + (clip.patcher.loaded_size() if clip is not None else 0)
+    if budget is not None and loaded > budget:
+        model.partially_unload(model.offload_device, loaded - budget)
     leave_inference_mode(model.model.diffusion_model)
+    if clip is not None:
+        leave_inference_mode(clip.cond_stage_model)
 
 
 @contextlib.contextmanager

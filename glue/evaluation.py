@@ -50,7 +50,7 @@ class EvaluationGrid(io.ComfyNode):
                 raise ValueError("LoRA Evaluation Grid: the similarity needs both clip_vision (Load CLIP Vision) and "
                                  "dataset (Load LoRA Dataset); connect the other one, or neither")
             sampler = Sampler(samples, model, lora.family, lora.resolution, "LoRA Evaluation Grid")
-            rows = [(f"strength {level:g}", [sampler(with_lora(model, lora, level) if level else model, positive)
+            rows = [(f"strength {level:g}", [sampler(with_lora(model, lora, level)[0] if level else model, positive)
                                              for positive in sampler.positives]) for level in levels]
             grid = labelled_grid(rows, samples.prompts)
             report = (f"{lora.family.name} LoRA of {lora.steps} steps at strengths {', '.join(f'{v:g}' for v in levels)}"

@@ -35,6 +35,9 @@ class Family:
     file_names: str | None = None  # "diffusers": kohya files name the layers the diffusers way (SD1/2)
     rename: Callable[[list[str]], dict[str, str]] | None = field(default=None, compare=False)  # from file_names
     file_prefix: str | None = None  # key prefix of a "diffusers"-format (lora_A/B) file
+    # the text encoders whose LoRA trains (SD1/SD2/SDXL): their attribute in ComfyUI's CLIP model -> the kohya key
+    # prefix of their layers (lora_te, lora_te1, lora_te2)
+    te_prefixes: dict[str, str] = field(default_factory=dict)
     # how ComfyUI's model is recognised: its config class, and where given, its prediction, unet_config values,
     # and whether it is trained on edit pairs
     config_classes: tuple[str, ...] = ()

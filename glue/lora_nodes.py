@@ -17,8 +17,8 @@ from comfy_api.latest import io, ui
 from PIL import Image
 
 from ..training.config import DTYPES
-from ..training.formats import RunInfo, build_metadata, save_lora, to_state_dict
-from ..training.lora import LoraTensors
+from ..training.formats import RunInfo, build_metadata, save_tensors, to_state_dict
+from ..training.lora import TEXT_ENCODER, LoraTensors, split_layers
 from .bridge import checkpoint_name, pixels_per_latent
 from .dataset_nodes import CATEGORY, LoraDataset
 from .families import Family
@@ -121,8 +121,27 @@ def _dataset_name(folder: str) -> str:
     return path.relative_to(inputs).as_posix() if path.is_relative_to(inputs) else path.name
 
 
-def file_layers(lora: TrainedLora, format: str = "auto") -> tuple[str, dict[str, LoraTensors], str | None]:
-    """(format, layers under the names the file uses, key prefix) for a ``format`` file of ``lora``."""
+def file_parts(lora: TrainedLora, format: str = "auto") -> tuple[str, list[tuple[dict[str, LoraTensors], str | None]]]:
+    """(format, [(layers under the names the file uses, key prefix)]) for a ``format`` file of ``lora``: the
+    diffusion model's layers, then each text encoder's. A text encoder's layers are keyed as kohya names them
+    (``lora_te_``, ``lora_te1_``, ``lora_te2_`` + the path inside its ``transformer``) or, in the comfy format, by
+    ComfyUI's own name for its weights (``text_encoders.clip_l.transformer...``)."""
+    format, layers, prefix = _diffusion_layers(lora, format)
+    parts = [(layers, prefix)]
+    encoders: dict[str, dict[str, LoraTensors]] = {}
+    for path, tensors in split_layers(lora.layers).get(TEXT_ENCODER, {}).items():
+        encoder, _, inside = path.partition(".transformer.")
+        encoders.setdefault(encoder, {})[path if format == "comfy" else inside] = tensors
+    for encoder, layers in encoders.items():
+        if format == "diffusers" or encoder not in lora.family.te_prefixes:
+            raise ValueError(f"A {lora.family.name} LoRA's text-encoder layers ({encoder}) have no {format!r} layout; "
+                             "save it in the kohya or comfy format")
+        parts.append((layers, TEXT_ENCODER.rstrip(".") if format == "comfy" else lora.family.te_prefixes[encoder]))
+    return format, parts
+
+
+def _diffusion_layers(lora: TrainedLora, format: str) -> tuple[str, dict[str, LoraTensors], str | None]:
+    """(format, the diffusion model's layers under the names the file uses, key prefix) for a ``format`` file."""
     family = lora.family
     formats = [f for f in family.formats if lora.kind == "lora" or f != "diffusers"]  # diffusers: plain LoRA only
     format = formats[0] if format == "auto" else format
@@ -131,17 +150,20 @@ def file_layers(lora: TrainedLora, format: str = "auto") -> tuple[str, dict[str,
     if format not in formats:
         raise ValueError(f"ComfyUI does not load {family.name} {lora.kind} files in the {format!r} format; choose one "
                          f"of {formats} (or 'auto': {formats[0]})")
-    layers = lora.layers
+    layers = split_layers(lora.layers)[""]
     if format == "kohya" and family.rename is not None:
         names = family.rename(sorted(layers))
         layers = {names[path]: tensors for path, tensors in layers.items()}
     return format, layers, family.file_prefix if format == "diffusers" else None
 
 
-def file_tensors(lora: TrainedLora, format: str = "auto", dtype: torch.dtype | None = None) -> dict:
-    """The state dict a LoRA file of ``format`` holds; Apply LoRA uses the very same tensors."""
-    format, layers, prefix = file_layers(lora, format)
-    return to_state_dict(layers, format=format, prefix=prefix, dtype=dtype)
+def file_tensors(lora: TrainedLora, format: str = "auto", dtype: torch.dtype | None = None,
+                 text_encoders: bool = True) -> dict:
+    """The state dict a LoRA file of ``format`` holds (``text_encoders``: with the text encoders' layers); Apply
+    LoRA uses the very same tensors."""
+    format, parts = file_parts(lora, format)
+    return {key: tensor for layers, prefix in parts[:None if text_encoders else 1]
+            for key, tensor in to_state_dict(layers, format=format, prefix=prefix, dtype=dtype).items()}
 
 
 def metadata_for(lora: TrainedLora, title: str) -> dict[str, str]:
@@ -154,10 +176,11 @@ def metadata_for(lora: TrainedLora, title: str) -> dict[str, str]:
     )
 
 
-def adapter_from_file(model, path: str) -> dict[str, LoraTensors]:
+def adapter_from_file(model, path: str, clip=None) -> dict[str, LoraTensors]:
     """A LoRA file in any layout ComfyUI loads for ``model`` (ours, kohya's, LyCORIS's, diffusers/peft's, ...) as
-    the engine's adapter, keyed by module path inside ``diffusion_model``. ComfyUI's own reader finds the layers
-    (its key map and ``comfy.lora.load_lora``), so what LoraLoader would patch is what training continues."""
+    the engine's adapter, keyed by module path inside ``diffusion_model`` (and, given the ``clip``, its text-encoder
+    layers by TEXT_ENCODER + path inside ``cond_stage_model``). ComfyUI's own reader finds the layers (its key maps
+    and ``comfy.lora.load_lora``), so what LoraLoader would patch is what training continues."""
     import comfy.lora
     import comfy.lora_convert
     import comfy.utils
@@ -165,25 +188,31 @@ def adapter_from_file(model, path: str) -> dict[str, LoraTensors]:
     name = os.path.basename(path)
     sd = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(path, safe_load=True))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     patches = comfy.lora.load_lora(sd, key_map, log_missing=False)
     if not patches:
         raise ValueError(f"{name} has no layer of {type(model.model).__name__}; pick a LoRA made for this model")
     layers = {}
     for key, patch in patches.items():
-        if not (isinstance(key, str) and key.startswith("diffusion_model.") and key.endswith(".weight")
+        if not (isinstance(key, str) and key.endswith(".weight")
                 and getattr(patch, "name", None) in ("lora", "loha", "lokr")):
             what = getattr(patch, "name", None) or (patch[0] if isinstance(patch, tuple) else type(patch).__name__)
             raise ValueError(f"{name}: layer {key!r} is a {what} patch{' of a slice' if isinstance(key, tuple) else ''}"
                              ", which Train LoRA cannot continue (it trains LoRA, DoRA, LoHa and LoKr layers of "
                              "whole weights)")
-        layers[key[len("diffusion_model."):-len(".weight")]] = _layer_of(patch, f"{name}: {key}")
+        path = key.removesuffix(".weight")
+        diffusion = path.startswith("diffusion_model.")
+        layers[path.removeprefix("diffusion_model.") if diffusion else TEXT_ENCODER + path] = _layer_of(
+            patch, f"{name}: {key}")
     # the keys ComfyUI read: one set, shared by every adapter of a load_lora call (diffs included)
     used = next((patch.loaded_keys for patch in patches.values() if hasattr(patch, "loaded_keys")), set())
     left = sorted(set(sd) - used)
     if left:
         raise ValueError(f"{name}: {len(left)} of its tensors are not for {type(model.model).__name__}'s layers, e.g. "
-                         f"{left[:4]} (text-encoder layers, lora_te*, are not trained here); pick a LoRA made for "
-                         "this model")
+                         f"{left[:4]}; pick a LoRA made for this model" + (
+                             "" if clip is not None else " (text-encoder layers, lora_te*: connect the clip and set "
+                             "te_learning_rate to train them on)"))
     return layers
 
 
@@ -226,9 +255,8 @@ def lora_name(path: str) -> str:
 def write_lora(lora: TrainedLora, name: str, format: str = "auto", precision: str = "fp32",
                what: str = "Save LoRA: name") -> str:
     path = loras_path(name, what)  # checked again when writing: a folder may have become a symlink meanwhile
-    format, layers, prefix = file_layers(lora, format)
     metadata = metadata_for(lora, title=os.path.basename(path).removesuffix(".safetensors"))
-    save_lora(path, layers, format=format, prefix=prefix, metadata=metadata, dtype=DTYPES[precision])
+    save_tensors(path, file_tensors(lora, format, DTYPES[precision]), metadata)
     return path
 
 
@@ -274,16 +302,22 @@ class ApplyLora(io.ComfyNode):
                 LORA.Input("lora", tooltip="From Train LoRA."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="LoRA strength, as in LoraLoader."),
+                io.Clip.Input("clip", optional=True, tooltip="The CLIP to patch with the LoRA's text-encoder layers "
+                              "(trained with te_learning_rate), as LoraLoader's clip input; a patched copy comes out."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01, optional=True,
+                               tooltip="The text-encoder layers' strength, as LoraLoader's strength_clip."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(), io.Clip.Output()],
         )
 
     @classmethod
-    def execute(cls, model, lora, strength) -> io.NodeOutput:
-        return io.NodeOutput(with_lora(model, lora, finite("Apply LoRA: strength", strength)))
+    def execute(cls, model, lora, strength, clip=None, strength_clip=1.0) -> io.NodeOutput:
+        return io.NodeOutput(*with_lora(model, lora, finite("Apply LoRA: strength", strength), clip,
+                                        finite("Apply LoRA: strength_clip", strength_clip)))
 
 
-def with_lora(model, lora: TrainedLora, strength: float):
-    """A patched copy of the ModelPatcher: the patches the stock LoraLoader makes from the saved file."""
-    patched, _ = comfy.sd.load_lora_for_models(model, None, file_tensors(lora), strength, 0)
-    return patched
+def with_lora(model, lora: TrainedLora, strength: float, clip=None, strength_clip: float = 1.0):
+    """Patched copies of the ModelPatcher and the CLIP (None stays None): the patches the stock LoraLoader makes
+    from the saved file."""
+    tensors = file_tensors(lora, text_encoders=clip is not None)
+    return comfy.sd.load_lora_for_models(model, clip, tensors, strength, strength_clip)

@@ -42,6 +42,8 @@ class SampleSettings:
     scheduler: str
     width: int
     height: int
+    negative_prompt: str = ""  # what ``negative`` encodes
+    encoded_prompts: int = 0  # how many of ``positives`` encode ``prompts`` (the rest: the positive input)
 
 
 class TrainingSamples(io.ComfyNode):
@@ -90,7 +92,8 @@ class TrainingSamples(io.ComfyNode):
         positives = [_encode(clip, line) for line in lines] + ([positive] if positive is not None else [])
         labels = lines + (["(positive input)"] if positive is not None else [])
         return io.NodeOutput(SampleSettings(labels, positives, _encode(clip, negative_prompt), vae, every_n_steps,
-                                            seed, steps, cfg, sampler_name, scheduler, width, height))
+                                            seed, steps, cfg, sampler_name, scheduler, width, height, negative_prompt,
+                                            len(lines)))
 
 
 def _encode(clip, text: str) -> list:
@@ -121,11 +124,12 @@ class Sampler:
             self.noise = comfy.sample.prepare_noise(self.latent, settings.seed)
         self.sigmas = _shifted_sigmas(model, usual.get("sampling_shift"), self.scheduler, self.steps)
 
-    def __call__(self, model, positive) -> torch.Tensor:
+    def __call__(self, model, positive, negative: list | None = None) -> torch.Tensor:
         """[H, W, 3]: ``positive`` generated with ``model`` (a ModelPatcher) and decoded."""
         s = self.settings
         samples = comfy.sample.sample(model, self.noise, self.steps, self.cfg, s.sampler_name, self.scheduler,
-                                      positive, self.negative, self.latent, sigmas=self.sigmas, disable_pbar=True,
+                                      positive, negative or self.negative, self.latent, sigmas=self.sigmas,
+                                      disable_pbar=True,
                                       seed=s.seed)
         images = s.vae.decode(samples)
         return images.reshape(-1, *images.shape[-3:])[0].float().cpu()  # a video VAE (Qwen's) adds a frame axis
@@ -135,16 +139,23 @@ class SampleRun:
     """``train``'s ``sample`` callback: every prompt at the step, on the model being trained (its adapters are live
     in the layers); saved, shown, and kept for the progression."""
 
-    def __init__(self, settings: SampleSettings, model, family: Family, resolution: int, folder: str, show):
+    def __init__(self, settings: SampleSettings, model, family: Family, resolution: int, folder: str, show,
+                 text_encoder=None):
         self.model, self.folder, self.show = model, folder, show
+        self.text_encoder = text_encoder  # a text encoder in training: the prompts are encoded through it each time
         self.sampler = Sampler(settings, model, family, resolution, "Train LoRA")
         os.makedirs(folder, exist_ok=True)
         self.images: dict[int, list[torch.Tensor]] = {}  # step -> [H, W, 3] per prompt
 
     def __call__(self, step: int) -> None:
-        images = []
-        for index, positive in enumerate(self.sampler.positives):
-            image = self.sampler(self.model, positive)
+        images, positives, negative = [], self.sampler.positives, None
+        if self.text_encoder is not None:  # the prompts through the text encoder as trained so far
+            settings = self.sampler.settings
+            positives = [self.text_encoder.conditioning(prompt) for prompt in
+                         settings.prompts[:settings.encoded_prompts]] + positives[settings.encoded_prompts:]
+            negative = self.text_encoder.conditioning(settings.negative_prompt)
+        for index, positive in enumerate(positives):
+            image = self.sampler(self.model, positive, negative)
             images.append(image)
             pil = pil_image(image)
             pil.save(os.path.join(self.folder, f"step_{step:06d}_{index + 1}.png"))

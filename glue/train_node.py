@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 
@@ -14,10 +16,11 @@ from ..training.checkpoint import list_checkpoints
 from ..training.config import TrainConfig
 from ..training.dataset import tag_frequency
 from ..training.loop import TrainingFailed, TrainResult, train
-from ..training.lora import KIND_NAMES, adapter_settings
+from ..training.lora import KIND_NAMES, TEXT_ENCODER, adapter_settings
 from ..training.memory import remade_weights
 from .bridge import (
     ComfyDenoiser,
+    ComfyTextEncoder,
     LatentsIn,
     Progress,
     frozen_layers,
@@ -57,7 +60,8 @@ REQUIRED = ("model", "encoded", "steps", "learning_rate", "rank", "alpha", "targ
 OPTIONAL = ("optimizer", "weight_decay", "lr_schedule", "warmup_steps", "grad_accum", "loss", "huber_c",
             "huber_schedule", "unmasked_weight", "ema_decay", "ema_start", "timestep_sampling", "min_snr_gamma", "noise_offset",
             "precision", "flux_guidance", "gradient_checkpointing", "memory_budget_gb", "checkpoint_every", "resume",
-            "adapter", "continue_from", "initial_lora", "samples")  # new inputs go last: saved workflows keep
+            "adapter", "continue_from", "initial_lora", "samples", "clip", "te_learning_rate",
+            "te_stop_step")  # new inputs go last: saved workflows keep
 # their widgets' order
 # Options that do nothing for a kind of model; the report names them.
 INERT = {"flow": ("min_snr_gamma", "noise_offset"), "ddpm": ("timestep_sampling",)}
@@ -99,6 +103,8 @@ NODE_INPUTS = {
                                tooltip="Continue from this run name's newest checkpoint."),
     "initial_lora": LORA.Input("initial_lora", optional=True, tooltip="Train on from this LoRA (from Train LoRA); "
                                "its kind, rank and alpha replace the node's."),
+    "clip": io.Clip.Input("clip", optional=True, tooltip="The model's CLIP (e.g. from Load Checkpoint), for "
+                          "te_learning_rate: its text encoder then trains too."),
     "samples": SAMPLES.Input("samples", optional=True, tooltip="From Training Samples: images made with the LoRA "
                              "as trained so far, every N steps, shown here live."),
 }
@@ -132,12 +138,12 @@ class TrainLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, encoded, targets, name, flux_guidance=1.0, resume=False, memory_budget_gb=0.0,
-                continue_from=NONE, initial_lora=None, samples=None, **settings) -> io.NodeOutput:
+                continue_from=NONE, initial_lora=None, samples=None, clip=None, **settings) -> io.NodeOutput:
         with errors_named("Train LoRA"):
             budget = int(finite("Train LoRA: memory_budget_gb", memory_budget_gb) * 2**30) or None
-            initial = _initial_adapter(model, continue_from, initial_lora)
+            initial = _initial_adapter(model, continue_from, initial_lora, clip)
             return train_lora(model, encoded, targets, name, flux_guidance, resume, settings, budget, samples,
-                              initial)
+                              initial, clip)
 
 
 def _continue_from() -> io.Input:
@@ -148,18 +154,35 @@ def _continue_from() -> io.Input:
                           "node's. none: start a new LoRA.")
 
 
-def _initial_adapter(model, continue_from: str, initial_lora) -> dict | None:
+def _initial_adapter(model, continue_from: str, initial_lora, clip=None) -> dict | None:
     if continue_from != NONE and initial_lora is not None:
         raise ValueError("continue_from and initial_lora are both set; train on from one of them")
     if initial_lora is not None:
         return initial_lora.layers
     if continue_from != NONE:
-        return adapter_from_file(model, folder_paths.get_full_path_or_raise("loras", continue_from))
+        return adapter_from_file(model, folder_paths.get_full_path_or_raise("loras", continue_from), clip)
     return None
 
 
+def _text_encoder(clip, family, preset: str, te_learning_rate: float) -> ComfyTextEncoder | None:
+    """The CLIP as the text encoder the run trains, where te_learning_rate asks for one."""
+    if not te_learning_rate:
+        return None
+    if not family.te_prefixes:
+        raise ValueError(f"Train LoRA: te_learning_rate trains the CLIP text encoder of SD1.x, SD2.x and SDXL; "
+                         f"{family.name}'s text encoder is not trained here. Set te_learning_rate to 0")
+    if clip is None:
+        raise ValueError("Train LoRA: te_learning_rate is set but clip is not connected; connect the model's CLIP "
+                         "(e.g. from Load Checkpoint), or set te_learning_rate to 0")
+    missing = [name for name in family.te_prefixes if getattr(clip.cond_stage_model, name, None) is None]
+    if missing:
+        raise ValueError(f"Train LoRA: the CLIP connected is not {family.name}'s (it has no {', '.join(missing)}); "
+                         "connect the CLIP loaded with the model")
+    return ComfyTextEncoder(clip, preset)
+
+
 def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, budget=None,
-               samples=None, initial=None) -> io.NodeOutput:
+               samples=None, initial=None, clip=None) -> io.NodeOutput:
     kept_name = f"{name}_partial"
     for checked in (name, kept_name):  # bad names fail now, not after the training
         loras_path(checked, "Train LoRA: name")
@@ -170,8 +193,10 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
     _check_sizes(encoded, family, model)
     _check_cache(encoded)
     flux_guidance = finite("Train LoRA: flux_guidance", flux_guidance)
+    text_encoder = _text_encoder(clip, family, targets, settings.get("te_learning_rate", 0.0))
+    clip = clip if text_encoder else None
     denoiser = ComfyDenoiser(model, guidance=family.guidance if family.guidance is None else flux_guidance,
-                             family=family, budget=budget)
+                             family=family, budget=budget, clip=clip)
     if initial:  # the LoRA training continues decides these
         settings = dict(settings, **dict(zip(("adapter", "rank", "alpha"), adapter_settings(initial))))
     config = TrainConfig(**settings, targets=family.targets(targets),
@@ -188,27 +213,32 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
     if samples is not None:
         sample_dir = writable(folder_paths.get_output_directory(), f"lora_trainer/{name}/samples",
                               what="Train LoRA: name")
-        sampler = SampleRun(samples, model, family, encoded.dataset.resolution, sample_dir, progress.show)
-    load_for_training(model, budget)
+        sampler = SampleRun(samples, model, family, encoded.dataset.resolution, sample_dir, progress.show,
+                            text_encoder)
+    load_for_training(model, budget, clip)
     data = LatentsIn(encoded.data, model)
 
     def kept(result: TrainResult) -> TrainedLora:
         """The run's LoRA, also written to models/loras/<name>_partial, so that it survives a Cancel from
         now until Save LoRA has written it (Save then removes this copy)."""
+        run = TrainedLora.run_info(model, encoded, result, denoiser.guidance)
+        if clip is not None and clip.layer_idx is not None:  # kohya's clip skip: 2 is the penultimate layer
+            run = dataclasses.replace(run, clip_skip=-clip.layer_idx)
         lora = TrainedLora(result.lora, family, result.steps_done, result.config.to_dict(),
                            encoded.dataset.resolution, tag_frequency(encoded.dataset.samples),
-                           encoded.dataset.policy.trigger, result.cancelled,
-                           run=TrainedLora.run_info(model, encoded, result, denoiser.guidance))
+                           encoded.dataset.policy.trigger, result.cancelled, run=run)
         if result.steps_done:
             lora.kept = write_lora(lora, kept_name, what="Train LoRA: name")
         return lora
 
     with torch.inference_mode(False), torch.enable_grad(), training_mode(), \
-            remade_weights(frozen_layers(denoiser.module)):
+            remade_weights(frozen_layers(denoiser.module)), \
+            remade_weights(frozen_layers(text_encoder.module)) if text_encoder else contextlib.nullcontext():
         try:
             result = train(config, denoiser, data, on_step=progress.on_step, should_stop=progress.should_stop,
                            initial_lora=initial, resume_from=resume_from, interrupts=(mm.InterruptProcessingException,),
-                           sample=sampler, sample_every=samples.every if samples is not None else 0)
+                           sample=sampler, sample_every=samples.every if samples is not None else 0,
+                           text_encoder=text_encoder)
         except TrainingFailed as error:
             path = kept(error.result).kept
             raise RuntimeError(f"Train LoRA: {error} Saved the adapter of step {error.result.steps_done} to "
@@ -222,8 +252,11 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
         interrupt_now()
     last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
     trained = result.steps_done - result.first_step
+    te_layers = sum(name.startswith(TEXT_ENCODER) for name in lora.layers)
     report = (f"{family.name} {KIND_NAMES[config.adapter]}, {result.objective}, rank {config.rank}, {len(lora.layers)} layers, "
               f"{result.steps_done} steps, final loss {last}"
+              + (f", {te_layers} of the layers in the text encoder at lr {config.te_learning_rate:g}"
+                 + (f" until step {config.te_stop_step}" if config.te_stop_step else "") if te_layers else "")
               + (f", {config.optimizer}, {config.loss} loss" if (config.optimizer, config.loss) != ("adamw", "mse")
                  else "")
               + (f", the EMA of the adapter (decay {config.ema_decay} from step {config.ema_start})"

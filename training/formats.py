@@ -107,9 +107,15 @@ def save_lora(
     With ``metadata``, kohya's ``sshs_model_hash`` / ``sshs_legacy_hash`` are added, computed as
     kohya does (over the tensors serialised with only the ``ss_*`` metadata).
     """
+    return save_tensors(path, to_state_dict(layers, format=format, prefix=prefix, dtype=dtype), metadata)
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a LoRA file's ``tensors`` (``to_state_dict``'s, merged where a file holds several parts) at ``path``,
+    atomically, as ``save_lora`` does."""
     target = Path(path)
     header = _check_metadata(metadata)
-    tensors = to_state_dict(layers, format=format, prefix=prefix, dtype=dtype)
     if metadata is not None:
         header.update(kohya_hashes(tensors, header))
     data = safetensors.torch.save(tensors, header or None)
@@ -281,7 +287,11 @@ def _settings_keys(config: Mapping[str, object], run: RunInfo, steps: int) -> di
     loss = get("loss")
     keys = {
         "ss_learning_rate": str(get("learning_rate")),
-        "ss_unet_lr": str(get("learning_rate")),  # only the UNet / transformer is trained, at this rate
+        "ss_unet_lr": str(get("learning_rate")),
+        # kohya's: the text encoder's own rate, and whether only the UNet / transformer trains
+        "ss_text_encoder_lr": str(get("te_learning_rate") or None),
+        "ss_network_train_unet_only": str(not get("te_learning_rate")),
+        "ss_stop_text_encoder_training": str(get("te_stop_step") or None),
         "ss_optimizer": optimizer,
         "ss_lr_scheduler": str(get("lr_schedule")),
         "ss_lr_warmup_steps": str(get("warmup_steps")),

@@ -58,7 +58,7 @@ def test_each_kind_learns_on_every_family_and_comfyui_loads_all_of_it(comfy, pac
 
     config = pack.training.config.TrainConfig.from_dict(lora.config)
     batch = encoded.data.collate(list(range(4)), random.Random(0))
-    (applied,) = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0)
+    applied, _ = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0)
     after = _probe_loss(pack, applied, batch, config, lora.family.guidance)
     name = f"tests/{family}_{kind}.safetensors"
     assert name in folder_paths.get_filename_list("loras")
@@ -86,7 +86,7 @@ def test_comfyui_patches_in_the_weights_that_trained(comfy, pack, kind):
         layers = attachment.tensors()
     lora = pack.glue.lora_nodes.TrainedLora(layers, pack.glue.families.family_of(model), 1,
                                             {"rank": 4, "alpha": 2.0, "adapter": kind}, 64)
-    patched = pack.glue.lora_nodes.with_lora(model, lora, 1.0)
+    patched, _ = pack.glue.lora_nodes.with_lora(model, lora, 1.0)
     mm.load_models_gpu([patched], force_full_load=True)
     errors, from_trained = [], []
     for name, wanted in as_comfyui.items():

@@ -62,7 +62,7 @@ def test_each_row_is_what_the_stock_sampler_makes_at_that_strength(comfy, sd15, 
         base = _stock_image(comfy, model, clip, vae, prompt, size)
         images = [base]
         for strength in (0.5, 1.0):
-            (applied,) = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=strength)
+            applied, _ = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=strength)
             images.append(_stock_image(comfy, applied, clip, vae, prompt, size))
         assert (images[0] - images[2]).abs().mean() > 0.01  # the LoRA changes the image: not vacuous
         for row, expected in enumerate(images):

@@ -106,7 +106,7 @@ def test_family_trains_with_its_objective_and_saves_a_file_comfyui_loads_entirel
     config = pack.training.config.TrainConfig.from_dict(lora.config)
     batch = encoded.data.collate(list(range(4)), random.Random(0))
     before = _probe_loss(pack, model, batch, config, family_info.guidance)
-    (applied,) = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0)
+    applied, _ = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0)
     after = _probe_loss(pack, applied, batch, config, family_info.guidance)
     assert after < 0.9 * before, f"{family}: probe loss {before:.4f} -> {after:.4f}"
 

@@ -42,7 +42,7 @@ def test_an_fp8_stored_model_trains_and_its_lora_loads_on_the_full_precision_mod
     config = pack.training.config.TrainConfig.from_dict(lora.config)
     batch = encoded.data.collate(list(range(4)), random.Random(0))
     before = _probe(pack, stored, batch, config, guidance)
-    (applied,) = run_node(comfy, "LoraTrainerApply", model=stored, lora=lora, strength=1.0)
+    applied, _ = run_node(comfy, "LoraTrainerApply", model=stored, lora=lora, strength=1.0)
     after = _probe(pack, applied, batch, config, guidance)
     assert after < 0.9 * before, f"{family} stored as {dtype}: probe loss {before:.4f} -> {after:.4f} ({report})"
     assert all(t.down.dtype == torch.float32 for t in lora.layers.values())  # the adapter kept its own precision
@@ -74,7 +74,7 @@ def test_a_scaled_fp8_file_loaded_by_comfyuis_loader_trains_and_its_lora_loads_o
     config = pack.training.config.TrainConfig.from_dict(lora.config)
     batch = encoded.data.collate(list(range(4)), random.Random(0))
     guidance = lora.family.guidance
-    (applied,) = run_node(comfy, "LoraTrainerApply", model=stored, lora=lora, strength=1.0)
+    applied, _ = run_node(comfy, "LoraTrainerApply", model=stored, lora=lora, strength=1.0)
     before, after = _probe(pack, stored, batch, config, guidance), _probe(pack, applied, batch, config, guidance)
     assert after < 0.9 * before, f"{family}, scaled fp8: probe loss {before:.4f} -> {after:.4f} ({report})"
     (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name=f"tests/scaled_fp8_{family}", format="auto",

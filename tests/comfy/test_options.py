@@ -24,7 +24,7 @@ def test_the_train_node_inputs_are_train_config_settings(comfy, pack):
     options = pack.training.config.TrainConfig.options()
     inputs = _node_inputs(comfy)
     shared = [name for name in inputs if name in options and name != "alpha"]
-    assert len(shared) == 24, shared  # all but model, encoded, targets, name, alpha, guidance, budget, resume
+    assert len(shared) == 26, shared  # all but model, encoded, targets, name, alpha, guidance, budget, resume, clip
     for name in shared:
         default, option = options[name]
         kind, spec = inputs[name]

@@ -76,7 +76,7 @@ def test_no_side_effects_and_apply_lora_equals_the_stock_lora_loader(comfy, sd15
                                                                                     "learning_rate": 1e-2})
     # the MODEL given to Train LoRA still samples the base model's images, bit for bit
     assert torch.equal(_sample(comfy, model, clip), base_before)
-    (applied,) = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0)
+    applied, _ = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0)
     with_apply = _sample(comfy, applied, clip)
     assert not torch.equal(with_apply, base_before)  # the LoRA does something
     (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name="tests/apply_check", format="auto",

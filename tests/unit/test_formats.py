@@ -261,13 +261,22 @@ def _full_metadata(**settings) -> dict[str, str]:
                           tag_frequency={"3_cat": {"cat": 3}}, run=RUN)
 
 
+def test_metadata_tells_the_text_encoder_rate_and_stop_step_as_kohya_does():
+    metadata = _full_metadata(te_learning_rate=2e-5, te_stop_step=40)
+    assert {k: metadata[k] for k in ("ss_unet_lr", "ss_text_encoder_lr", "ss_network_train_unet_only",
+                                     "ss_stop_text_encoder_training")} == {
+        "ss_unet_lr": "5e-05", "ss_text_encoder_lr": "2e-05", "ss_network_train_unet_only": "False",
+        "ss_stop_text_encoder_training": "40"}
+
+
 def test_metadata_has_every_key_a1111_civitai_and_kohya_read_in_their_formats():
     metadata = _full_metadata()
     assert all(isinstance(v, str) for v in metadata.values())
     expected = {
         "ss_session_id": "1234", "ss_training_started_at": "1700000000.5", "ss_training_finished_at": "1700000600.25",
         "ss_sd_model_name": "sd15.safetensors", "ss_clip_skip": "None", "ss_learning_rate": "5e-05",
-        "ss_unet_lr": "5e-05", "ss_optimizer": "torch.optim.adamw.AdamW(weight_decay=0.01)", "ss_seed": "42",
+        "ss_unet_lr": "5e-05", "ss_text_encoder_lr": "None", "ss_network_train_unet_only": "True",
+        "ss_stop_text_encoder_training": "None", "ss_optimizer": "torch.optim.adamw.AdamW(weight_decay=0.01)", "ss_seed": "42",
         "ss_lr_scheduler": "cosine", "ss_lr_warmup_steps": "10", "ss_gradient_accumulation_steps": "2",
         "ss_max_train_steps": "100", "ss_steps": "60", "ss_batch_size_per_device": "2", "ss_total_batch_size": "4",
         "ss_min_snr_gamma": "5.0", "ss_noise_offset": "0.05", "ss_max_grad_norm": "1.0", "ss_mixed_precision": "fp16",
