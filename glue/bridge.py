@@ -42,7 +42,7 @@ class ComfyDenoiser:
     def __init__(self, model, guidance: float | None = None, family: Family | None = None,
                  budget: int | None = None, clip=None):
         self.patcher, self.budget = model, budget  # budget: device bytes for weights + step (None: what is free)
-        self.clip = clip  # a CLIP trained beside it, whose weights share the budget
+        self.clip = clip  # a CLIP trained beside it, whose weights share the budget where they share the device
         self.base = model.model
         self.module = self.base.diffusion_model
         self.device = model.load_device
@@ -102,7 +102,7 @@ class ComfyDenoiser:
         """Device bytes the training step may use: the budget less the weights ComfyUI keeps on the device, or
         without one what the device has free. None on the CPU without a budget (nothing to fit)."""
         if self.budget is not None:
-            return self.budget - self.patcher.loaded_size() - (self.clip.patcher.loaded_size() if self.clip else 0)
+            return self.budget - self.patcher.loaded_size() - device_bytes(self.clip, self.device)
         return None if self.device.type == "cpu" else mm.get_free_memory(self.device)
 
     def offload(self, nbytes: int) -> int:
@@ -208,12 +208,7 @@ class ComfyEncoders:
         tokens = self.clip.tokenize(caption, images=[_comfy_image(image)]) if image is not None else \
             self.clip.tokenize(caption)
         (context, extras), *_ = self.clip.encode_from_tokens_scheduled(tokens, show_pbar=False)
-        out = {"context": context[0].float().cpu()}
-        for key, value in extras.items():
-            if isinstance(value, torch.Tensor):
-                name = {"pooled_output": "pooled", "attention_mask": "mask"}.get(key, key)
-                out[name] = value[0].cpu()
-        return out
+        return {key: value.cpu() for key, value in text_conditioning(context, extras).items()}
 
     def release(self) -> None:
         """Take the VAE and text encoder off the GPU: training needs the memory."""
@@ -256,17 +251,23 @@ class ComfyTextEncoder:
         conds = []
         for caption in captions:
             context, pooled, extras = self.encode(caption)
-            cond = {"context": context[0].float()}
-            for key, value in {"pooled_output": pooled, **extras}.items():
-                if isinstance(value, torch.Tensor):
-                    cond[{"pooled_output": "pooled", "attention_mask": "mask"}.get(key, key)] = value[0]
-            conds.append(cond)
+            conds.append(text_conditioning(context, {"pooled_output": pooled, **extras}))
         return stack_conditioning(conds)
 
     def conditioning(self, prompt: str) -> list:
         """``prompt`` as ComfyUI's CONDITIONING, through the adapter as trained so far (Training Samples)."""
         context, pooled, extras = self.encode(prompt)
         return [[context, {"pooled_output": pooled, **extras}]]
+
+
+def text_conditioning(context: torch.Tensor, extras: dict) -> dict[str, torch.Tensor]:
+    """One caption's encoding as ComfyUI gives it (context [1, L, D] and its extras) as the engine's conditioning:
+    ``context`` [L, D] in fp32, ``pooled``, ``mask`` and any other tensor the encoder adds."""
+    out = {"context": context[0].float()}
+    for key, value in extras.items():
+        if isinstance(value, torch.Tensor):
+            out[{"pooled_output": "pooled", "attention_mask": "mask"}.get(key, key)] = value[0]
+    return out
 
 
 def _comfy_image(pixels: torch.Tensor) -> torch.Tensor:
@@ -350,12 +351,18 @@ def load_for_training(model, budget: int | None = None, clip=None) -> None:
     the CLIP's weights counted); what it leaves in CPU memory is cast per call. The training loop then fits its
     step (ComfyDenoiser.memory_free/offload)."""
     mm.load_models_gpu([model] + ([clip.patcher] if clip is not None else []))
-    loaded = model.loaded_size() + (clip.patcher.loaded_size() if clip is not None else 0)
+    loaded = model.loaded_size() + device_bytes(clip, model.load_device)
     if budget is not None and loaded > budget:
         model.partially_unload(model.offload_device, loaded - budget)
     leave_inference_mode(model.model.diffusion_model)
     if clip is not None:
         leave_inference_mode(clip.cond_stage_model)
+
+
+def device_bytes(clip, device: torch.device) -> int:
+    """The bytes of ``clip``'s weights loaded on ``device`` (ComfyUI keeps a text encoder on the CPU in low-VRAM
+    modes); 0 without a CLIP."""
+    return clip.patcher.loaded_size() if clip is not None and clip.patcher.load_device == device else 0
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ is one labelled IMAGE."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
@@ -155,7 +156,8 @@ class SampleRun:
                          settings.prompts[:settings.encoded_prompts]] + positives[settings.encoded_prompts:]
             negative = self.text_encoder.conditioning(settings.negative_prompt)
         for index, positive in enumerate(positives):
-            image = self.sampler(self.model, positive, negative)
+            with _loaded_with(self.model, self.text_encoder.clip.patcher if self.text_encoder else None):
+                image = self.sampler(self.model, positive, negative)
             images.append(image)
             pil = pil_image(image)
             pil.save(os.path.join(self.folder, f"step_{step:06d}_{index + 1}.png"))
@@ -165,6 +167,22 @@ class SampleRun:
     def progression(self) -> torch.Tensor:
         """[1, H, W, 3]: a row per sample step, a column per prompt, labelled."""
         return progression_grid(self.images, self.sampler.settings.prompts)
+
+
+@contextlib.contextmanager
+def _loaded_with(model, patcher):
+    """ComfyUI's sampler loads ``patcher`` (the CLIP whose text encoder trains) together with ``model``, as it loads a
+    ControlNet, instead of unloading it to make room: the text encoder's weights and adapter stay where training
+    has them."""
+    if patcher is None:
+        yield
+        return
+    key = "lora_trainer.text_encoder"
+    model.set_additional_models(key, [patcher])
+    try:
+        yield
+    finally:
+        model.additional_models.pop(key, None)
 
 
 def _shifted_sigmas(model, shift: float | None, scheduler: str, steps: int) -> torch.Tensor | None:

@@ -149,6 +149,9 @@ class TrainConfig:
             option.check(name, getattr(self, name))
         if self.shift is not None and not self.shift > 0:
             raise ValueError(f"shift must be > 0 (or None for the model's own), got {self.shift}")
+        if self.optimizer == "prodigy" and self.te_learning_rate not in (0.0, self.learning_rate):
+            raise ValueError("prodigy finds its own step size and takes one learning rate for the text encoder and the "
+                             "model: set te_learning_rate to learning_rate (1.0 for prodigy) or 0")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every > 0 needs checkpoint_dir: where should checkpoints go?")
         if not self.targets:

@@ -53,8 +53,8 @@ class TextEncoder(Protocol):
     """A text encoder the loop trains beside the denoiser (``TrainConfig.te_learning_rate``): captions are then
     encoded every step, through its adapter. ``module`` is the root for LoRA injection, ``targets`` its layers'
     name suffixes, ``device`` where its adapter computes; ``__call__`` returns the batched text conditioning
-    (TEXT_KEYS: ``context`` [B, L, D], ``pooled`` where the model uses it, ``mask``) on that device, with
-    gradients where they are enabled."""
+    (TEXT_KEYS: ``context`` [B, L, D], ``pooled`` where the model uses it, ``mask``) on any device (the loop moves
+    it to the denoiser's), with gradients where they are enabled."""
 
     @property
     def module(self) -> torch.nn.Module: ...

@@ -197,31 +197,31 @@ def train(
         torch.manual_seed(config.seed)  # LoRA init and dropout follow the seed
         settings = dict(rank=config.rank, alpha=config.lora_alpha, kind=config.adapter, dropout=config.lora_dropout,
                         init=config.lora_init)
-        attachment = Adapters({"": LoraAttachment(module, config.targets, **settings, initial=initial.get(""),
+        adapters = Adapters({"": LoraAttachment(module, config.targets, **settings, initial=initial.get(""),
                                                   device=device)})
         stream = BatchStream(data, config.batch_size, config.seed, device, dtype=None)
         try:
             if text_encoder:
-                attachment.parts[TEXT_ENCODER] = LoraAttachment(
+                adapters.parts[TEXT_ENCODER] = LoraAttachment(
                     text_encoder.module, text_encoder.targets, **settings, initial=initial.get(TEXT_ENCODER),
                     device=text_encoder.device)
-            return _run(config, denoiser, objective, attachment, stream, device, on_step, should_stop,
+            return _run(config, denoiser, objective, adapters, stream, device, on_step, should_stop,
                         resume_from, interrupts, Sampling(sample, sample_every, device), text_encoder)
         finally:
             stream.close()
-            attachment.remove()
+            adapters.remove()
             _set_gradient_checkpointing(denoiser, False)
             for m, mode in zip(modules, was_training):
                 m.train(mode)
 
 
 def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | FlowObjective,
-         attachment: Adapters, stream: BatchStream, device: torch.device,
+         adapters: Adapters, stream: BatchStream, device: torch.device,
          on_step: Callable[[StepInfo], None] | None, should_stop: Callable[[], bool] | None,
          resume_from: str | None, interrupts: tuple[type[BaseException], ...], sampling: Sampling,
          text_encoder: TextEncoder | None) -> TrainResult:
-    params = attachment.parameters()
-    optimizer = make_optimizer(config.optimizer, attachment.parameter_groups({TEXT_ENCODER: config.te_learning_rate}),
+    params = adapters.parameters()
+    optimizer = make_optimizer(config.optimizer, adapters.parameter_groups({TEXT_ENCODER: config.te_learning_rate}),
                                config.learning_rate, config.weight_decay)
     schedule = make_schedule(config.lr_schedule, optimizer, warmup_steps=config.warmup_steps,
                              total_steps=config.steps, cycles=config.lr_cycles)
@@ -230,8 +230,8 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
            if config.ema_decay else None)
     step, position, smoothed = 0, 0, None
     if resume_from:
-        lora, state = load_checkpoint(resume_from, config, sorted(attachment.layers))
-        attachment.load(lora)
+        lora, state = load_checkpoint(resume_from, config, sorted(adapters.layers))
+        adapters.load(lora)
         optimizer.load_state_dict(state.optimizer)
         schedule.load_state_dict(state.schedule)
         if scaler is not None and state.scaler:
@@ -239,7 +239,7 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
         _set_rng(state.rng, device)
         if ema is not None:
             ema.load_state_dict(state.ema)
-            ema.to(device)
+            ema.shadow_params = [s.to(p.device) for s, p in zip(ema.shadow_params, params)]  # a text encoder's: its own
         step, position, smoothed = state.step, state.position, state.smoothed_loss
         log.info("resumed from step %d (%s)", step, resume_from)
     checkpointing = _fit_memory(config, denoiser, objective, stream, position, params, text_encoder)
@@ -247,7 +247,7 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     for module in modules:
         module.train()
 
-    result = TrainResult(attachment.tensors(), step, False, config, first_step=step)
+    result = TrainResult(adapters.tensors(), step, False, config, first_step=step)
     good = [p.detach().clone() for p in params]  # last adapter known finite, for the NaN guard
     loss_sum = torch.zeros((), device=device)
     probes = _probe_batches(stream)
@@ -302,7 +302,7 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
                 mean = (loss_sum / interval_steps).item()  # note: the one host-device sync per interval
                 if not math.isfinite(mean):
                     _restore(params, good)
-                    result.lora, result.steps_done = attachment.tensors(), step - interval_steps
+                    result.lora, result.steps_done = adapters.tensors(), step - interval_steps
                     raise TrainingDiverged(
                         f"Loss became {mean} between steps {step - interval_steps} and {step}; kept the adapter "
                         f"of step {result.steps_done}. Lower the learning rate or use fp32/bf16.", result)
@@ -318,7 +318,7 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
                 state = TrainState(step, position, optimizer.state_dict(), schedule.state_dict(),
                                    scaler.state_dict() if scaler else None, _get_rng(device), smoothed,
                                    config.to_dict(), config.trajectory_hash(), ema.state_dict() if ema else None)
-                save_checkpoint(config.checkpoint_dir, attachment.tensors(), state, config.keep_checkpoints)
+                save_checkpoint(config.checkpoint_dir, adapters.tensors(), state, config.keep_checkpoints)
             if sampling.due(step, config.steps):
                 try:
                     interval_start += sampling(step, modules, result)
@@ -337,9 +337,9 @@ def _run(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjective | Flo
     except Exception as error:  # keep what the completed steps learned; Cancel is handled above
         if isinstance(error, TrainingFailed) or result.steps_done == 0:
             raise
-        result.lora = _output(attachment, ema)
+        result.lora = _output(adapters, ema)
         raise TrainingFailed(f"{type(error).__name__} after step {result.steps_done}: {error}", result) from error
-    result.lora = _output(attachment, ema)  # the final probe measures it
+    result.lora = _output(adapters, ema)  # the final probe measures it
     result.data_wait_s = stream.wait_s
     result.gradient_checkpointing = checkpointing
     result.train_s = time.perf_counter() - started - result.sampling_s
@@ -426,7 +426,7 @@ def _text_at(step: int, config: TrainConfig, text_encoder: TextEncoder | None) -
 
 def _frozen(text_encoder: TextEncoder) -> Callable[[list[str]], dict[str, torch.Tensor]]:
     def encode(captions: list[str]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
+        with torch.no_grad(), _evaluating([text_encoder.module]):  # no LoRA dropout either
             return text_encoder(captions)
 
     return encode
@@ -515,12 +515,12 @@ def _fit_memory(config: TrainConfig, denoiser: Denoiser, objective: DDPMObjectiv
     return checkpointing
 
 
-def _output(attachment: Adapters, ema: EMAModel | None) -> dict[str, LoraTensors]:
+def _output(adapters: Adapters, ema: EMAModel | None) -> dict[str, LoraTensors]:
     """What the run gives: the adapter as trained or, with an EMA, its average, which then replaces the trained
     weights on the model (the run is over; the checkpoints hold the trained ones)."""
     if ema is not None:
-        ema.copy_to(attachment.parameters())
-    return attachment.tensors()
+        ema.copy_to(adapters.parameters())
+    return adapters.tensors()
 
 
 def _restore(params: Sequence[torch.nn.Parameter], saved: Sequence[torch.Tensor]) -> None:

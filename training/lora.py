@@ -290,8 +290,8 @@ def split_layers(layers: Mapping[str, LoraTensors], prefixes: Iterable[str] = ("
         prefix = TEXT_ENCODER if name.startswith(TEXT_ENCODER) else ""
         parts.setdefault(prefix, {})[name.removeprefix(prefix)] = tensors
     if TEXT_ENCODER in parts and TEXT_ENCODER not in prefixes:
-        raise ValueError(f"The LoRA has {len(parts[TEXT_ENCODER])} text-encoder layers; to train them on, connect the "
-                         "CLIP and set te_learning_rate")
+        raise ValueError(f"The LoRA has {len(parts[TEXT_ENCODER])} text-encoder layers; to train them on, set "
+                         "te_learning_rate (with Train LoRA's clip connected)")
     return parts
 
 

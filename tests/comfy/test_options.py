@@ -39,7 +39,7 @@ def test_one_sets_the_required_inputs_and_the_optional_widgets_are_advanced(comf
     types = comfy.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].INPUT_TYPES()
     assert not any(spec.get("advanced") for _, spec in types["required"].values())
     advanced = [name for name, (_, spec) in types["optional"].items() if spec.get("advanced")]
-    assert advanced == [name for name in types["optional"] if name not in ("samples", "initial_lora")]  # links
+    assert advanced == [name for name in types["optional"] if name not in ("samples", "initial_lora", "clip")]  # links
     assert len(types["required"]) <= 11, list(types["required"])
     # alpha is explicit: the rank's default, so scale 1 (alpha / rank) as the node comes
     rank, alpha = types["required"]["rank"][1]["default"], types["required"]["alpha"][1]["default"]

@@ -86,3 +86,33 @@ def test_every_family_samples_while_training(comfy, family):
                                          samples=samples, **dict(TRAIN, steps=2, name=f"tests/sampled_{family}"))
     assert "2 × 2 images" in report, report
     assert progression.shape[1] > 2 * 64 and torch.isfinite(progression).all()
+
+
+def test_samples_encode_their_prompts_through_the_text_encoder_as_trained(comfy, sd15, demo_folder, monkeypatch):
+    import folder_paths
+    from comfy import model_management as mm
+    from PIL import Image
+
+    model, clip, vae = sd15
+    encoded, _ = _encoded(comfy, sd15, demo_folder)
+    (samples,) = run_node(comfy, "LoraTrainerSamples", clip=clip, vae=vae, **dict(SAMPLE, every_n_steps=0))
+    train = dict(TRAIN, steps=7, learning_rate=5e-3, targets="attention+mlp", name="tests/sampled_te", clip=clip,
+                 te_learning_rate=5e-2)
+    loads, load = [], mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, *args, **kwargs: (loads.append(list(models)),
+                                                                                load(models, *args, **kwargs))[1])
+    lora, _, report, _ = run_node(comfy, "LoraTrainerTrain", model=model, encoded=encoded, samples=samples, **train)
+    monkeypatch.undo()
+    assert "of the layers in the text encoder" in report, report
+    # the training CLIP is loaded with the model when training starts and at each of the 2 × 2 samples (ComfyUI's
+    # sampler does not unload it to make room)
+    assert sum(clip.patcher in models and model in models for models in loads) == 1 + 4, loads
+    size = 128
+    folder = f"{folder_paths.get_output_directory()}/lora_trainer/tests/sampled_te/samples"
+    last = torch.from_numpy(np.asarray(Image.open(f"{folder}/step_000007_1.png"), dtype="float32") / 255)
+    applied, applied_clip = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0, clip=clip,
+                                     strength_clip=1.0)
+    trained = _stock_image(comfy, applied, applied_clip, vae, "zkx pattern", size)
+    unet_only = _stock_image(comfy, applied, clip, vae, "zkx pattern", size)
+    assert (trained - unet_only).abs().mean() > 0.01  # the text encoder's adapter changes the image
+    assert (last - trained).abs().mean() < 3 / 255  # PNG rounding, and the CLIP's fp16 weights with the patch merged

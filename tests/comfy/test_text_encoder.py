@@ -134,8 +134,8 @@ def test_a_lora_with_text_encoder_layers_continues_from_its_file(comfy):
     common = dict(model=model, encoded=encoded, steps=4, learning_rate=1e-2, rank=16, alpha=0.0, targets="attention+mlp",
                   objective="auto", batch_size=2, seed=0, name="tests/te_continued",
                   continue_from="tests/te_continue.safetensors")
-    with pytest.raises(ValueError, match="18 text-encoder layers; to train them on, connect the CLIP and set "
-                                         "te_learning_rate"):
+    with pytest.raises(ValueError, match=r"18 text-encoder layers; to train them on, set te_learning_rate \(with "
+                                         r"Train LoRA's clip connected\)"):
         run_node(comfy, "LoraTrainerTrain", **common, clip=clip)
     with pytest.raises(ValueError, match=r"tensors are not for .*lora_te_.*connect the clip and set te_learning_rate"):
         run_node(comfy, "LoraTrainerTrain", **common)
@@ -155,3 +155,27 @@ def test_text_encoder_training_is_refused_without_a_clip_or_for_other_families(c
     with pytest.raises(ValueError, match="FLUX.1's text encoder is not trained here. Set te_learning_rate to 0"):
         pack.glue.train_node._text_encoder(None, families["FLUX.1"], "attention", 1e-4)
     assert pack.glue.train_node._text_encoder(None, families["FLUX.1"], "attention", 0.0) is None
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+def test_every_adapter_kind_trains_the_text_encoder_and_loads_in_the_stock_loader(comfy, pack, kind):
+    from comfy import lora as comfy_lora
+    from comfy import model_management as mm
+    from comfy import utils as comfy_utils
+
+    model, clip, lora, _ = _train(comfy, "SD15", steps=10, adapter=kind, learning_rate=3e-2, te_learning_rate=3e-2,
+                                  alpha=4.0, name=f"tests/te_{kind}")
+    assert {layer.kind for layer in lora.layers.values()} == {kind}
+    (path,) = run_node(comfy, "LoraTrainerSave", lora=lora, name=f"tests/te_{kind}", format="auto", precision="fp32")
+    sd = comfy_utils.load_torch_file(path, safe_load=True)
+    key_map = comfy_lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    te_keys = {k for k in sd if k.startswith("lora_te_")}
+    patches = comfy_lora.load_lora({k: sd[k] for k in te_keys}, key_map)
+    assert len(patches) == TE_LAYERS and {p.name for p in patches.values()} == {"lora" if kind == "dora" else kind}
+    _, stock_clip = run_node(comfy, "LoraLoader", model=model, clip=clip, lora_name=f"tests/te_{kind}.safetensors",
+                             strength_model=1.0, strength_clip=1.0)
+    _, applied_clip = run_node(comfy, "LoraTrainerApply", model=model, lora=lora, strength=1.0, clip=clip,
+                               strength_clip=1.0)
+    assert torch.equal(_encode(stock_clip), _encode(applied_clip))
+    assert (_encode(applied_clip) - _encode(clip)).abs().max() > 1e-3
+    mm.unload_all_models()

@@ -31,9 +31,11 @@ class ToyTextEncoder:
         self.module = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8), "fc1": torch.nn.Linear(8, 8)})
         self.module.requires_grad_(False)
         self.calls = 0
+        self.modes = []  # (train mode, gradients on) of each call
 
     def __call__(self, captions):
         self.calls += 1
+        self.modes.append((self.module.training, torch.is_grad_enabled()))
         conds = []
         for caption in captions:
             x = self.words[[sum(map(ord, w)) % 64 for w in caption.replace(",", " ").split()] or [0]]
@@ -80,6 +82,10 @@ def test_the_text_encoder_trains_at_its_own_rate_beside_the_denoiser(data):
 
 def test_the_text_encoder_stops_at_its_stop_step_while_the_denoiser_trains_on(data):
     text = ToyTextEncoder()
+    stopped = train(TrainConfig(steps=20, te_learning_rate=5e-3, te_stop_step=5, **dict(BASE, lora_dropout=0.1)),
+                    ToyDenoiser(), data, text_encoder=text)
+    # the probe (eval, no grad), 5 training steps, then frozen: no gradients, no LoRA dropout; the final probe
+    assert text.modes == [(False, False)] * 4 + [(True, True)] * 5 + [(False, False)] * 15 + [(False, False)] * 4
     stopped = train(TrainConfig(steps=20, te_learning_rate=5e-3, te_stop_step=5, **BASE), ToyDenoiser(), data,
                     text_encoder=text)
     five = train(TrainConfig(steps=5, te_learning_rate=5e-3, **BASE), ToyDenoiser(), data, text_encoder=text)
@@ -101,12 +107,29 @@ def test_a_run_with_the_text_encoder_resumes_exactly(data, tmp_path):
     assert max((resumed.lora[k].up - whole.lora[k].up).abs().max().item() for k in whole.lora) <= 1e-6
 
 
+def test_a_run_with_the_text_encoder_and_an_ema_resumes_exactly(data, tmp_path):
+    options = dict(BASE, te_learning_rate=5e-3, ema_decay=0.9)
+    whole = train(TrainConfig(steps=12, **options), ToyDenoiser(), data, text_encoder=ToyTextEncoder())
+    config = TrainConfig(steps=12, checkpoint_every=6, checkpoint_dir=str(tmp_path / "ckpt"), **options)
+    calls = []
+    train(config, ToyDenoiser(), data, text_encoder=ToyTextEncoder(), on_step=calls.append,
+          should_stop=lambda: len(calls) >= 6)
+    resumed = train(config, ToyDenoiser(), data, text_encoder=ToyTextEncoder(), resume_from=str(tmp_path / "ckpt"))
+    assert max((resumed.lora[k].up - whole.lora[k].up).abs().max().item() for k in whole.lora) <= 1e-6
+
+
+def test_prodigy_takes_one_learning_rate_for_both():
+    with pytest.raises(ValueError, match="prodigy finds its own step size .* set te_learning_rate to learning_rate"):
+        TrainConfig(optimizer="prodigy", learning_rate=1.0, te_learning_rate=0.5)
+    assert TrainConfig(optimizer="prodigy", learning_rate=1.0, te_learning_rate=1.0).te_learning_rate == 1.0
+
+
 def test_text_encoder_settings_without_a_text_encoder_or_its_layers_without_the_rate_are_refused(data):
     with pytest.raises(ValueError, match="connect the CLIP"):
         train(TrainConfig(steps=2, te_learning_rate=1e-4, **BASE), ToyDenoiser(), data)
     both = train(TrainConfig(steps=2, te_learning_rate=1e-4, **BASE), ToyDenoiser(), data,
                  text_encoder=ToyTextEncoder())
-    with pytest.raises(ValueError, match="2 text-encoder layers.*te_learning_rate"):
+    with pytest.raises(ValueError, match="2 text-encoder layers; to train them on, set te_learning_rate"):
         train(TrainConfig(steps=2, **BASE), ToyDenoiser(), data, initial_lora=both.lora)
     again = train(TrainConfig(steps=2, te_learning_rate=1e-4, **BASE), ToyDenoiser(), data,
                   text_encoder=ToyTextEncoder(), initial_lora=both.lora)
