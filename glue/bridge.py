@@ -232,8 +232,9 @@ class ComfyTextEncoder:
         self.targets = CLIP_TARGETS[preset]
         self._tokens: dict[str, dict] = {}
 
-    def encode(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-        """(context [1, L, D], pooled [1, D] or None, extras) of one caption, as ``encode_from_tokens`` returns them."""
+    def encode(self, caption: str) -> tuple[torch.Tensor, dict]:
+        """(context [1, L, D], extras: ``pooled_output`` and what else the encoder adds) of one caption, as
+        ``encode_from_tokens(..., return_dict=True)`` gives them."""
         if caption not in self._tokens:
             self._tokens[caption] = self.clip.tokenize(caption)
         model = self.module
@@ -245,19 +246,14 @@ class ComfyTextEncoder:
         # the CLIP computes in fp32 whatever the autocast of the step around it (CLIP-G overflows in fp16)
         with OutOfPlaceAdds(), torch.autocast(self.device.type, enabled=False), device_context(self.device):
             out = model.encode_token_weights(self._tokens[caption])
-        return out[0], out[1], out[2] if len(out) > 2 else {}
+        return out[0], {"pooled_output": out[1], **(out[2] if len(out) > 2 else {})}
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        conds = []
-        for caption in captions:
-            context, pooled, extras = self.encode(caption)
-            conds.append(text_conditioning(context, {"pooled_output": pooled, **extras}))
-        return stack_conditioning(conds)
+        return stack_conditioning([text_conditioning(*self.encode(caption)) for caption in captions])
 
     def conditioning(self, prompt: str) -> list:
         """``prompt`` as ComfyUI's CONDITIONING, through the adapter as trained so far (Training Samples)."""
-        context, pooled, extras = self.encode(prompt)
-        return [[context, {"pooled_output": pooled, **extras}]]
+        return [list(self.encode(prompt))]
 
 
 def text_conditioning(context: torch.Tensor, extras: dict) -> dict[str, torch.Tensor]:

@@ -9,7 +9,6 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..training.dataset import load_image
-from ..training.lora import TEXT_ENCODER
 from .dataset_nodes import CATEGORY, DATASET
 from .inputs import errors_named
 from .lora_nodes import LORA, with_lora
@@ -57,9 +56,8 @@ class EvaluationGrid(io.ComfyNode):
             report = (f"{lora.family.name} LoRA of {lora.steps} steps at strengths {', '.join(f'{v:g}' for v in levels)}"
                       f"; seed {samples.seed}, {sampler.steps} steps, cfg {sampler.cfg:g}, {sampler.width}×"
                       f"{sampler.height}")
-            text_layers = sum(name.startswith(TEXT_ENCODER) for name in lora.layers)
-            if text_layers:  # the prompts come encoded from Training Samples, with the CLIP as it was loaded
-                report += (f"; its {text_layers} text-encoder layers are not applied: Training Samples encoded the "
+            if lora.text_encoder_layers:  # the prompts come encoded from Training Samples, with its CLIP
+                report += (f"; its {lora.text_encoder_layers} text-encoder layers are not applied: Training Samples encoded the "
                            "prompts with the CLIP it was given")
             if clip_vision is not None:
                 references = [sample.image for sample in dataset.samples][:MAX_REFERENCES]

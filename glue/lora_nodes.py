@@ -56,6 +56,11 @@ class TrainedLora:
     def kind(self) -> str:
         return self.config.get("adapter", "lora")
 
+    @property
+    def text_encoder_layers(self) -> int:
+        """How many of the layers are the text encoder's (te_learning_rate)."""
+        return len(split_layers(self.layers).get(TEXT_ENCODER, {}))
+
     @staticmethod
     def run_info(model, encoded, result, guidance: float | None = None) -> RunInfo:
         """What made a LoRA, from Train LoRA's MODEL, LORA_ENCODED and the engine's TrainResult: read once, when

@@ -130,8 +130,7 @@ class Sampler:
         s = self.settings
         samples = comfy.sample.sample(model, self.noise, self.steps, self.cfg, s.sampler_name, self.scheduler,
                                       positive, negative or self.negative, self.latent, sigmas=self.sigmas,
-                                      disable_pbar=True,
-                                      seed=s.seed)
+                                      disable_pbar=True, seed=s.seed)
         images = s.vae.decode(samples)
         return images.reshape(-1, *images.shape[-3:])[0].float().cpu()  # a video VAE (Qwen's) adds a frame axis
 
@@ -155,13 +154,13 @@ class SampleRun:
             positives = [self.text_encoder.conditioning(prompt) for prompt in
                          settings.prompts[:settings.encoded_prompts]] + positives[settings.encoded_prompts:]
             negative = self.text_encoder.conditioning(settings.negative_prompt)
-        for index, positive in enumerate(positives):
-            with _loaded_with(self.model, self.text_encoder.clip.patcher if self.text_encoder else None):
+        with _loaded_with(self.model, self.text_encoder.clip.patcher if self.text_encoder else None):
+            for index, positive in enumerate(positives):
                 image = self.sampler(self.model, positive, negative)
-            images.append(image)
-            pil = pil_image(image)
-            pil.save(os.path.join(self.folder, f"step_{step:06d}_{index + 1}.png"))
-            self.show(pil, step)
+                images.append(image)
+                pil = pil_image(image)
+                pil.save(os.path.join(self.folder, f"step_{step:06d}_{index + 1}.png"))
+                self.show(pil, step)
         self.images[step] = images
 
     def progression(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ from ..training.checkpoint import list_checkpoints
 from ..training.config import TrainConfig
 from ..training.dataset import tag_frequency
 from ..training.loop import TrainingFailed, TrainResult, train
-from ..training.lora import KIND_NAMES, TEXT_ENCODER, adapter_settings
+from ..training.lora import KIND_NAMES, adapter_settings
 from ..training.memory import remade_weights
 from .bridge import (
     ComfyDenoiser,
@@ -252,11 +252,11 @@ def train_lora(model, encoded, targets, name, flux_guidance, resume, settings, b
         interrupt_now()
     last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
     trained = result.steps_done - result.first_step
-    te_layers = sum(name.startswith(TEXT_ENCODER) for name in lora.layers)
     report = (f"{family.name} {KIND_NAMES[config.adapter]}, {result.objective}, rank {config.rank}, {len(lora.layers)} layers, "
               f"{result.steps_done} steps, final loss {last}"
-              + (f", {te_layers} of the layers in the text encoder at lr {config.te_learning_rate:g}"
-                 + (f" until step {config.te_stop_step}" if config.te_stop_step else "") if te_layers else "")
+              + (f", {lora.text_encoder_layers} of the layers in the text encoder at lr {config.te_learning_rate:g}"
+                 + (f" until step {config.te_stop_step}" if config.te_stop_step else "")
+                 if lora.text_encoder_layers else "")
               + (f", {config.optimizer}, {config.loss} loss" if (config.optimizer, config.loss) != ("adamw", "mse")
                  else "")
               + (f", the EMA of the adapter (decay {config.ema_decay} from step {config.ema_start})"
